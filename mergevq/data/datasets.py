@@ -1,0 +1,98 @@
+"""One builder for every dataset the platform trains or evaluates on.
+
+`build_dataset(name, split, ...)` returns a Dataset whose items are dicts of view tensors
+(`image`, and for training optionally `image_aug_w`, `image_aug_s`; see `transforms`) plus
+`label`, a 0-d int64 tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from mergevq.data.fashion_mnist import FashionMNIST, fetch_fashion_mnist
+from mergevq.data.folder import ImageFolderDataset, imagenet
+from mergevq.data.photos import Photos
+from mergevq.data.transforms import VIEW_KEYS, Views, three_views, val_views
+
+DATASETS = ("fashion_mnist", "photos", "folder", "imagenet")
+EVAL_SPLITS = ("val", "test")
+
+
+def default_cache_dir() -> Path:
+    """`$MERGEVQ_CACHE`, else `$XDG_CACHE_HOME/mergevq`, else `~/.cache/mergevq`."""
+    if os.environ.get("MERGEVQ_CACHE"):
+        return Path(os.environ["MERGEVQ_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mergevq"
+
+
+class LabelledViews(Dataset):
+    """Wraps a dataset of `(views dict, label)` items -> `{**views, "label": int64 []}`."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        views, label = self.base[index]
+        return {**views, "label": torch.tensor(label, dtype=torch.int64)}
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable files skipped so far by the wrapped dataset (0 for in-memory datasets)."""
+        return getattr(self.base, "num_skipped", 0)
+
+
+def build_transform(split: str, size: int = 256, align_size: int = 224,
+                    views: Sequence[str] = VIEW_KEYS, augment: bool | None = None) -> Views:
+    """Training views for `augment` (default: split == 'train'), else the validation view."""
+    augment = split == "train" if augment is None else augment
+    return three_views(size, align_size, views) if augment else val_views(size)
+
+
+def _require_root(name: str, root: str | Path | None) -> Path:
+    if root is None:
+        raise FileNotFoundError(f"dataset {name!r} needs a root folder; set data.root=/path/to/{name}")
+    if not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"data root {root} for dataset {name!r} does not exist; "
+                                f"set data.root=/path/to/{name}")
+    return Path(root).expanduser()
+
+
+def build_dataset(name: str, split: str = "train", root: str | Path | None = None,
+                  cache_dir: str | Path | None = None, size: int = 256, align_size: int = 224,
+                  views: Sequence[str] = VIEW_KEYS, augment: bool | None = None, **kwargs) -> LabelledViews:
+    """A dataset of `{view key: float32 [3, S, S], "label": int64 []}` items.
+
+    name: 'fashion_mnist' (root = folder of the IDX .gz files, default: fetched into cache_dir),
+          'photos' (kwargs: num_samples, crop_size, seed), 'folder' (root/<split> if it exists,
+          else root, as class folders) or 'imagenet' (root/{train,val}/<wnid>/*.JPEG, file list
+          cached under cache_dir).
+    split: 'train', or 'val'/'test' (synonyms: each dataset maps them to its own held-out split).
+    views/augment: see `build_transform`; evaluation splits get the single `image` view.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if split not in ("train", *EVAL_SPLITS):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    transform = build_transform(split, size, align_size, views, augment)
+    held_out = split in EVAL_SPLITS
+    if name == "fashion_mnist":
+        folder = fetch_fashion_mnist(cache_dir) if root is None else _require_root(name, root)
+        base = FashionMNIST(folder, "test" if held_out else "train", transform, **kwargs)
+    elif name == "photos":
+        base = Photos("val" if held_out else "train", transform=transform, **kwargs)
+    elif name == "folder":
+        root = _require_root(name, root)
+        base = ImageFolderDataset(root / split if (root / split).is_dir() else root, transform, **kwargs)
+    else:
+        root = _require_root(name, root)
+        base = imagenet(root, "val" if held_out else "train", cache_dir, transform, **kwargs)
+    return LabelledViews(base)

@@ -1,0 +1,115 @@
+"""Build tokenizers from plain config mappings (the composed ``tokenizer``, ``variant``, ``quantizer``
+and ``recovery`` groups). No Hydra here: entries pass ``OmegaConf.to_container(cfg)`` parts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .decoder import MergeVQDecoder
+from .encoder import MergeVQEncoder, load_teacher_state, weight_selection_init
+from .lfq import LFQ
+from .magvit2 import Magvit2Tokenizer
+from .merge import keep_candidates, merge_schedule
+from .recovery import SourceRecovery
+from .tokenizer import MergeVQTokenizer
+
+
+def nominal_keep(num_positions: int, fraction: float) -> int:
+    """Nominal K: the perfect square nearest fraction * L (L itself a square grid)."""
+    side = round(math.isqrt(num_positions) * math.sqrt(fraction))
+    return max(1, side * side)
+
+
+def layout(tokenizer: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve size x variant into encoder/decoder kwargs, the grid and the keep counts."""
+    ch_mult = [tokenizer["ch_mult"][0]] * variant.get("extra_levels", 0) + list(tokenizer["ch_mult"])
+    factor = 2 ** (len(ch_mult) - 1)
+    side = tokenizer["resolution"] // factor
+    positions = side * side
+    common = dict(
+        ch=tokenizer["ch"],
+        ch_mult=ch_mult,
+        num_res_blocks=tokenizer["num_res_blocks"],
+        depth=tokenizer["depth"],
+        num_heads=tokenizer["num_heads"],
+        head_dim=variant.get("head_dim"),
+        z_channels=tokenizer["z_channels"],
+    )
+    encoder = dict(
+        common,
+        stem=variant["stem"],
+        patch_size=factor,
+        patch_width=tokenizer.get("patch_width", 768),
+        align_head=variant.get("align_head", "none"),
+        align_dim=tokenizer.get("align_dim", 768),
+        drop_path=tokenizer.get("drop_path", 0.0),
+    )
+    decoder = dict(common, num_res_extra=tokenizer.get("num_res_extra", 1))
+    keep = variant.get("keep") or nominal_keep(positions, variant["keep_fraction"])
+    merge_schedule(positions, keep, tokenizer["depth"])  # fail early on an unreachable K
+    candidates = variant.get("keep_candidates")
+    if candidates:
+        keeps, probs = keep_candidates(positions, keep, candidates["count"], candidates["distribution"])
+    else:
+        keeps, probs = [keep], [1.0]
+    for candidate in keeps:
+        merge_schedule(positions, candidate, tokenizer["depth"])
+    return {
+        "encoder": encoder,
+        "decoder": decoder,
+        "grid": (side, side),
+        "num_positions": positions,
+        "keep": keep,
+        "keep_candidates": keeps,
+        "keep_probs": probs,
+    }
+
+
+def build_quantizer(quantizer: Mapping[str, Any] | None, bits: int) -> LFQ:
+    options = dict(quantizer or {})
+    options["bits"] = options.get("bits") or bits
+    if options["bits"] != bits:
+        raise ValueError(f"quantizer.bits={options['bits']} must equal tokenizer.z_channels={bits}")
+    return LFQ(**options)
+
+
+def build_tokenizer(
+    tokenizer: Mapping[str, Any],
+    variant: Mapping[str, Any] | None = None,
+    quantizer: Mapping[str, Any] | None = None,
+    recovery: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """MergeVQTokenizer for kind 'mergevq' (size x variant), Magvit2Tokenizer for kind 'magvit2'."""
+    lfq = build_quantizer(quantizer, tokenizer["z_channels"])
+    if tokenizer.get("kind", "mergevq") == "magvit2":
+        modules = {k: tokenizer[k] for k in ("ch", "ch_mult", "num_res_blocks", "z_channels")}
+        return Magvit2Tokenizer(encoder=modules, decoder=modules, quantizer=lfq)
+    if variant is None:
+        raise ValueError("a MergeVQ tokenizer needs a variant (variant=g|gr|r)")
+    spec = layout(tokenizer, variant)
+    encoder = MergeVQEncoder(**spec["encoder"])
+    if tokenizer.get("encoder_init"):
+        weight_selection_init(encoder.transformer, load_teacher_state(tokenizer["encoder_init"]))
+    source_recovery = None
+    if recovery and recovery.get("enabled"):
+        source_recovery = SourceRecovery(
+            spec["num_positions"],
+            z_channels=tokenizer["z_channels"],
+            width=recovery.get("width", 384),
+            depth=recovery.get("depth", 2),
+            num_heads=recovery.get("num_heads", 8),
+            drop_path=recovery.get("drop_path", 0.0),
+        )
+    return MergeVQTokenizer(
+        encoder,
+        MergeVQDecoder(**spec["decoder"]),
+        lfq,
+        recovery=source_recovery,
+        default_keep=spec["keep"],
+        align_merge=tokenizer.get("align_merge", "official"),
+    )

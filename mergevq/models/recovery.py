@@ -1,0 +1,79 @@
+"""Learned Source Recovery: predict which kept token owns each of the L positions from the K codes.
+
+Paper (Fig. 1b, Table A2): L learned queries cross-attend (2 layers, width 384, 8 heads, FFN 4x) to
+the K quantized tokens; a shared linear head scores every (position, token) pair; trained with a
+cross-entropy over K per position against the encoder's true groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp
+from torch import nn
+
+from .transformer import init_transformer_weights
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention + MLP, LayerScale 1e-5. q [B, L, C], kv [B, K, C] -> [B, L, C]."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ls1 = LayerScale(dim, init_values=1e-5)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values=1e-5)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        batch, queries, dim = q.shape
+        heads = self.num_heads
+        query = self.q(self.norm1(q)).view(batch, queries, heads, -1).transpose(1, 2)
+        key, value = self.kv(kv).view(batch, kv.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).reshape(batch, queries, dim)
+        q = q + self.drop_path(self.ls1(self.proj(out)))
+        return q + self.drop_path(self.ls2(self.mlp(self.norm2(q))))
+
+
+class SourceRecovery(nn.Module):
+    """z_q [B, K, z] -> logits [B, L, K] over the owner of each position."""
+
+    def __init__(
+        self,
+        num_positions: int,
+        z_channels: int = 18,
+        width: int = 384,
+        depth: int = 2,
+        num_heads: int = 8,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.embed = nn.Linear(z_channels, width)
+        self.norm_in = nn.LayerNorm(width)
+        self.queries = nn.Parameter(torch.zeros(1, num_positions, width))
+        self.blocks = nn.ModuleList(CrossAttentionBlock(width, num_heads, drop_path=drop_path) for _ in range(depth))
+        self.head = nn.Linear(width, width)
+        init_transformer_weights(self)
+        nn.init.normal_(self.queries, std=0.02)
+
+    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
+        kv = self.norm_in(self.embed(z_q))
+        q = self.queries.expand(z_q.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, kv)
+        return self.head(q) @ self.head(kv).transpose(1, 2)
+
+    def predict_groups(self, z_q: torch.Tensor) -> torch.Tensor:
+        """[B, K, z] -> groups [B, L]: argmax owner per position."""
+        return self.forward(z_q).argmax(dim=-1)
+
+
+def recovery_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over K per position. logits [B, L, K], groups [B, L] -> scalar."""
+    return F.cross_entropy(logits.flatten(0, 1), groups.flatten())
