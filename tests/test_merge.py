@@ -149,6 +149,13 @@ def test_gaussian_candidates_g():
     assert probs[1] == pytest.approx(0.61, abs=0.02)
     assert probs[0] == pytest.approx(0.11, abs=0.01) and probs[2] == pytest.approx(0.11, abs=0.01)
     assert all(0.02 <= p <= 0.035 for p in probs[3:])
+    # spec 1.3 per-100-batch frequencies for G: {225: 11, 256: 61, 289: 11, 324..529: 2-3 each}
+    cumulative = [round(sum(probs[: j + 1]), 5) for j in range(9)]
+    counts = dict.fromkeys(keeps, 0)
+    for batch_idx in range(100):
+        counts[keeps[next(j for j, c in enumerate(cumulative) if c >= batch_idx * 0.01)]] += 1
+    assert [counts[225], counts[256], counts[289]] == [11, 61, 11]
+    assert all(counts[k] in (2, 3) for k in keeps[3:])
 
 
 def test_exponential_and_uniform_candidates():
@@ -223,14 +230,18 @@ def test_bipartite_invariants(seed, tokens, r):
     # CLS (A[0]) is kept, first, and never merged
     assert (plan.kept_a[:, 0] == 0).all() and not (plan.src_a == 0).any()
     # kept and merged A tokens partition A; kept ones ascending
-    assert torch.equal(torch.cat([plan.kept_a, plan.src_a], 1).sort(1).values, torch.arange(num_a).expand(batch, -1))
+    assert torch.equal(
+        torch.cat([plan.kept_a, plan.src_a], 1).sort(1).values, torch.arange(num_a).expand(batch, -1)
+    )
     assert (plan.kept_a.diff(dim=1) > 0).all()
     # each merged A token joins its most similar B token, and the merged ones are the best matched
     scores = cosine_scores(metric)
     best, partner = scores.max(-1)
     assert torch.equal(plan.dst_b, partner.gather(1, plan.src_a))
     if plan.kept_a.shape[1] > 1:
-        assert (best.gather(1, plan.src_a).min(1).values >= best.gather(1, plan.kept_a[:, 1:]).max(1).values).all()
+        assert (
+            best.gather(1, plan.src_a).min(1).values >= best.gather(1, plan.kept_a[:, 1:]).max(1).values
+        ).all()
     assert (plan.dst_b >= 0).all() and (plan.dst_b < tokens // 2).all()
 
     new_x, new_size = merge_weighted(x, size, plan)
@@ -280,7 +291,12 @@ def merge_loop(x, schedule, generator):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize(
     ("positions", "schedule"),
-    [(64, [8, 7, 6, 5, 4, 3]), (63, [20, 10, 5, 2, 1, 0]), (48, [30, 30, 30, 30]), (36, merge_schedule(36, 9, 6))],
+    [
+        (64, [8, 7, 6, 5, 4, 3]),
+        (63, [20, 10, 5, 2, 1, 0]),
+        (48, [30, 30, 30, 30]),
+        (36, merge_schedule(36, 9, 6)),
+    ],
 )
 def test_owner_matches_dense_source(seed, positions, schedule):
     generator = torch.Generator().manual_seed(seed)

@@ -80,14 +80,13 @@ def merge_schedule(
     to L - K, and the remainder goes to layer 0 (to the last layer for a non-negative inflection).
     Raises ValueError when the run-time cap (T - 1) // 2 would stop the merges short of K.
     """
-    if not 1 <= keep <= num_tokens:
-        raise ValueError(f"keep={keep} is outside [1, {num_tokens}] for {num_tokens} tokens")
-    counts = _uncapped_schedule(num_tokens, keep, depth, inflection)
-    if min(counts) < 0 or _kept_after(num_tokens, counts) != keep:
+    counts = _uncapped_schedule(num_tokens, keep, depth, inflection) if 1 <= keep <= num_tokens else None
+    if counts is None or min(counts) < 0 or _kept_after(num_tokens, counts) != keep:
         reachable = reachable_keeps(num_tokens, depth, inflection)
         raise ValueError(
             f"keep={keep} is not reachable from {num_tokens} tokens in {depth} merge layers "
-            f"(each layer merges at most half of its tokens); reachable keeps are "
+            f"(K must lie in [1, {num_tokens}] and each layer merges at most half of its tokens); "
+            f"reachable keeps are "
             f"{reachable[0]}..{num_tokens}"
             + ("" if len(reachable) == num_tokens - reachable[0] + 1 else f" (exactly: {reachable})")
         )
