@@ -45,10 +45,10 @@ def build_accelerator(backend: Mapping[str, Any], find_unused_parameters: bool =
     if backend.get("allow_tf32") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    handlers = [
-        InitProcessGroupKwargs(backend=backend.get("dist_backend"), timeout=timedelta(seconds=backend.get("timeout_s", 1800))),
-        DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
-    ]
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    if world_info()[1] > 1:
+        timeout = timedelta(seconds=backend.get("timeout_s", 1800))
+        handlers.append(InitProcessGroupKwargs(backend=backend.get("dist_backend"), timeout=timeout))
     return Accelerator(
         cpu=backend["device"] == "cpu",
         mixed_precision=backend.get("mixed_precision", "no"),

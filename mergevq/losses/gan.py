@@ -55,13 +55,17 @@ class LeCam(nn.Module):
         self.ema_real.mul_(self.decay).add_((1.0 - self.decay) * logits_real.float().mean())
         self.ema_fake.mul_(self.decay).add_((1.0 - self.decay) * logits_fake.float().mean())
 
-    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.update(logits_real, logits_fake)
+    def penalty(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """The regulariser against the current anchors (no update)."""
         return (
             F.relu(logits_real - self.ema_fake).pow(2).mean()
             + F.relu(self.ema_real - logits_fake).pow(2).mean()
         )
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(logits_real, logits_fake)
+        return self.penalty(logits_real, logits_fake)
 
 
 @contextlib.contextmanager

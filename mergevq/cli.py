@@ -1,0 +1,52 @@
+"""Shared plumbing of the Hydra entry points: one-line errors for bad overrides, rank-0-only Hydra
+output under multi-process launch, and the resolved config as plain data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def precheck_overrides(config_name: str, overrides: list[str]) -> None:
+    """Compose once with the command-line overrides to turn Hydra's composition errors into one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = [o for o in overrides if not o.startswith(("hydra", "-", "+hydra"))]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose(config_name, overrides=plain)
+    except (HydraException, OmegaConfBaseException) as error:
+        text = str(error)
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        if "Could not find" in text and "Available options" in text:
+            options = [line.strip() for line in text.split("Available options", 1)[1].splitlines()[1:] if line.strip()]
+            _fail(f"{first.split(':', 1)[-1].strip()}; available: {', '.join(options)}")
+        if "not in struct" in text or "Could not override" in text:
+            key = first.split("'")[1] if "'" in first else first
+            _fail(f"unknown config key '{key}' for {config_name}: check the spelling (`--help` lists the groups), "
+                  f"or add a new key with +{key}=...")
+        _fail(" ".join(text.split()))
+
+
+def run_entry(config_name: str, task: Callable) -> None:
+    """Run ``task(cfg)`` under @hydra.main with the checks above; ranks != 0 write no Hydra output."""
+    import hydra
+
+    argv = sys.argv[1:]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if not multirun and not any(a.startswith(("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")) for a in argv):
+        precheck_overrides(config_name, argv)
+    if int(os.environ.get("RANK", 0)) != 0 and not multirun:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.run.dir=."]
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()

@@ -1,0 +1,424 @@
+"""Experiment loggers behind one small interface, plus reading an offline W&B run back.
+
+``build_logger(kind, run_dir, is_main_process, **kwargs)`` gives a :class:`WandbLogger`,
+:class:`CSVLogger` or :class:`NoLogger` (always NoLogger on non-main ranks). Steps are optimizer
+steps and must not decrease (W&B drops rows logged at an earlier step).
+
+:func:`read_offline_wandb` reads a finished (or running) offline run through ``wandb leet inspect``
+(wandb >= 0.31); without it, it parses the run's ``.wandb`` transaction log itself (see there).
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import json
+import netrc
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from mergevq.engine.checkpoint import atomic_write_text
+
+LOGGER_KINDS = ("wandb", "csv", "none")
+
+ImageLike = torch.Tensor | str | os.PathLike
+
+
+def _scalar(value: Any) -> Any:
+    """Tensor / numpy scalars -> Python numbers; other values unchanged."""
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        return value.item()
+    return value
+
+
+def image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[3, H, W] (or [1, H, W]) float tensor in [0, 1] -> [H, W, 3] uint8 array (values clamped)."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor [3, H, W] in [0, 1], got shape {tuple(image.shape)}")
+    x = image.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy()
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+class RunLogger(abc.ABC):
+    """Interface of every logger. Usable as a context manager (``finish()`` on exit)."""
+
+    @abc.abstractmethod
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Scalars at optimizer step ``step``."""
+
+    @abc.abstractmethod
+    def log_images(self, key: str, image: ImageLike, step: int, caption: str = "") -> None:
+        """One image: a tensor [3, H, W] in [0, 1] or the path of a PNG file."""
+
+    @abc.abstractmethod
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A small table (rows of plain values)."""
+
+    @abc.abstractmethod
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        """Final / best values of the run (merged with earlier summaries)."""
+
+    @abc.abstractmethod
+    def finish(self) -> None:
+        """Flush and close; idempotent."""
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+class NoLogger(RunLogger):
+    """Discards everything (non-main ranks, ``logger=none``)."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_images(self, key: str, image: ImageLike, step: int, caption: str = "") -> None:
+        pass
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        pass
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class CSVLogger(RunLogger):
+    """Plain files under ``run_dir``.
+
+    * ``metrics.csv``: column ``step`` then metric keys in order of first appearance; one row per
+      ``log`` call, empty cells for keys not logged in that call. When a new key appears the file is
+      rewritten (atomically) with the union of columns. An existing file is continued (resume).
+    * ``images/{key}_{step:08d}.png`` (key with ``/`` etc. replaced by ``_``), captions in
+      ``images/index.csv`` (key, step, file, caption).
+    * ``tables/{key}_{step:08d}.csv``; ``summary.json`` (merged across calls).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, filename: str = "metrics.csv"):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / filename
+        self.columns: list[str] = ["step"]
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, newline="") as f:
+                self.columns = next(csv.reader(f))
+
+    def _rewrite_with(self, columns: list[str]) -> None:
+        rows: list[dict[str, str]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        tmp = self.path.with_name(self.path.name + ".rewrite")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+        self.columns = columns
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        new = [k for k in metrics if k not in self.columns]
+        if new or not self.path.is_file():
+            self._rewrite_with(self.columns + new)
+        row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+
+    def log_images(self, key: str, image: ImageLike, step: int, caption: str = "") -> None:
+        from PIL import Image
+
+        folder = self.run_dir / "images"
+        folder.mkdir(exist_ok=True)
+        file = folder / f"{_safe_name(key)}_{step:08d}.png"
+        if isinstance(image, torch.Tensor):
+            Image.fromarray(image_to_uint8(image)).save(file)
+        else:
+            shutil.copyfile(image, file)
+        index = folder / "index.csv"
+        is_new = not index.is_file()
+        with open(index, "a", newline="") as f:
+            writer = csv.writer(f)
+            if is_new:
+                writer.writerow(["key", "step", "file", "caption"])
+            writer.writerow([key, step, file.name, caption])
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        folder = self.run_dir / "tables"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"{_safe_name(key)}_{step:08d}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows([[_scalar(v) for v in row] for row in rows])
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        file = self.run_dir / "summary.json"
+        merged = json.loads(file.read_text()) if file.is_file() else {}
+        merged.update({k: _scalar(v) for k, v in metrics.items()})
+        atomic_write_text(file, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+
+    def finish(self) -> None:
+        pass  # every call closes its files
+
+
+def wandb_credentials_configured() -> bool:
+    """True when ``WANDB_API_KEY`` is set or the netrc file (``$NETRC`` or ``~/.netrc``) has an
+    entry for the W&B host (``WANDB_BASE_URL``, default api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbLogger(RunLogger):
+    """Weights & Biases run whose files live in ``run_dir/wandb/``.
+
+    mode: "online" | "offline" | "disabled"; default ``$WANDB_MODE``, else online when credentials are
+    configured (:func:`wandb_credentials_configured`), else offline (sync later with ``wandb sync``).
+    ``init_kwargs`` go to ``wandb.init`` (e.g. ``id=..., resume="allow"`` to continue a run).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        project: str,
+        entity: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        **init_kwargs: Any,
+    ):
+        import wandb
+
+        self._wandb = wandb
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = (
+            mode
+            or os.environ.get("WANDB_MODE")
+            or ("online" if wandb_credentials_configured() else "offline")
+        )
+        self.run = wandb.init(
+            dir=str(self.run_dir),
+            project=project,
+            entity=entity,
+            group=group,
+            tags=list(tags),
+            name=name,
+            config=dict(config) if config is not None else None,
+            mode=self.mode,
+            **init_kwargs,
+        )
+        self._finished = False
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log({k: _scalar(v) for k, v in metrics.items()}, step=step)
+
+    def log_images(self, key: str, image: ImageLike, step: int, caption: str = "") -> None:
+        data = image_to_uint8(image) if isinstance(image, torch.Tensor) else str(image)
+        self.run.log({key: self._wandb.Image(data, caption=caption or None)}, step=step)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        table = self._wandb.Table(columns=list(columns), data=[[_scalar(v) for v in row] for row in rows])
+        self.run.log({key: table}, step=step)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        self.run.summary.update({k: _scalar(v) for k, v in metrics.items()})
+
+    def finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.run.finish()
+
+
+def build_logger(kind: str, run_dir: str | os.PathLike, is_main_process: bool, **kwargs: Any) -> RunLogger:
+    """``kind`` in LOGGER_KINDS; kwargs go to the logger (WandbLogger: project, entity, ...).
+    Non-main processes always get a :class:`NoLogger`."""
+    if kind not in LOGGER_KINDS:
+        raise ValueError(f"unknown logger kind {kind!r}; expected one of {LOGGER_KINDS}")
+    if not is_main_process or kind == "none":
+        return NoLogger()
+    if kind == "csv":
+        return CSVLogger(run_dir, **kwargs)
+    return WandbLogger(run_dir, **kwargs)
+
+
+# ------------------------------------------------------------------------------ reading offline runs
+
+
+def find_wandb_run(path: str | os.PathLike) -> Path:
+    """The run folder (the one holding ``run-<id>.wandb``) for ``path``: a run folder, a ``wandb/``
+    dir or a run_dir containing ``wandb/``. Picks ``latest-run`` if present, else the newest by name."""
+    path = Path(path)
+    if any(path.glob("*.wandb")):
+        return path
+    wandb_dir = path / "wandb" if (path / "wandb").is_dir() else path
+    latest = wandb_dir / "latest-run"
+    if latest.exists() and any(latest.glob("*.wandb")):
+        return latest.resolve()
+    runs = sorted(p for p in wandb_dir.glob("*run-*") if p.is_dir() and any(p.glob("*.wandb")))
+    if not runs:
+        raise FileNotFoundError(f"no W&B run folder under {path}")
+    return runs[-1]
+
+
+def _leet(run: Path, *flags: str) -> str | None:
+    """stdout of ``python -m wandb leet inspect <flags> <run>``, or None when that fails."""
+    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", *flags, str(run)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _read_with_leet(run: Path) -> dict[str, Any] | None:
+    summary_out, records_out = _leet(run, "--summary", "--json"), _leet(run, "--json")
+    if summary_out is None or records_out is None:
+        return None
+    try:
+        top = json.loads(summary_out)
+        records = [json.loads(line) for line in records_out.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    return {
+        "summary": top.get("summary", {}),
+        "history": history,
+        "config": top.get("config", {}),
+        "run_id": top.get("run_id"),
+        "state": top.get("state"),
+        "path": str(run),
+    }
+
+
+def _log_records(file: Path) -> list[bytes]:
+    """Payloads of a ``.wandb`` transaction log: a 7-byte header (``:W&B``, magic, version), then
+    LevelDB-log framing in 32 KiB blocks (per chunk: crc32c u32, length u16, type u8 with
+    1 full / 2 first / 3 middle / 4 last). CRCs are not verified; a torn tail is dropped."""
+    data = file.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{file} is not a W&B transaction log")
+    block, pos, parts, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 or len(chunk) < length:
+            break
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            parts = chunk
+        elif kind == 3:
+            parts += chunk
+        elif kind == 4:
+            out.append(parts + chunk)
+            parts = b""
+    return out
+
+
+def _item_path(item: Any) -> list[str]:
+    return [item.key] if item.key else list(item.nested_key)
+
+
+def _set_nested(target: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+    target[path[-1]] = value
+
+
+def _read_transaction_log(run: Path) -> dict[str, Any]:
+    """Fallback without ``leet``: decode the records with ``wandb.proto`` and replay them."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    summary: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    run_id, state = None, "running"
+    for payload in _log_records(next(run.glob("*.wandb"))):
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run_id = rec.run.run_id
+            for item in rec.run.config.update:
+                _set_nested(config, _item_path(item), json.loads(item.value_json))
+        elif kind == "config":
+            for item in rec.config.update:
+                _set_nested(config, _item_path(item), json.loads(item.value_json))
+        elif kind == "summary":
+            for item in rec.summary.update:
+                _set_nested(summary, _item_path(item), json.loads(item.value_json))
+        elif kind == "history":
+            history.append({".".join(_item_path(i)): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "exit":
+            state = "finished" if rec.exit.exit_code == 0 else "failed"
+    summary.pop("_wandb", None)
+    config.pop("_wandb", None)
+    return {
+        "summary": summary,
+        "history": history,
+        "config": config,
+        "run_id": run_id,
+        "state": state,
+        "path": str(run),
+    }
+
+
+def read_offline_wandb(path: str | os.PathLike, use_leet: bool = True) -> dict[str, Any]:
+    """Read a local (offline) W&B run back, for tests and reports.
+
+    path: run_dir given to :class:`WandbLogger`, its ``wandb/`` dir, or a run folder.
+    Returns {"summary": {...}, "history": [{...}, ...], "config": {...}, "run_id", "state", "path"}:
+
+    * summary: the latest value of every key, nested dicts for media (``img: {"_type": "image-file",
+      "path": ..., "caption": ...}``), plus ``_step``, ``_runtime``, ``_timestamp``.
+    * history: one dict per logged step in order, keys flattened with ``.`` (``img._type``), with
+      ``_step``, ``_runtime``, ``_timestamp``. Calls at the same step are merged into one row.
+    * config: nested, without W&B's internal ``_wandb`` entry.
+
+    Uses ``wandb leet inspect --summary --json`` and ``wandb leet inspect --json`` (one JSON record per
+    line; the ``history`` records carry ``history.item``). If leet is unavailable (wandb < 0.31, no
+    wandb-core binary) or ``use_leet=False``, the transaction log is decoded directly, giving the same
+    values (integers written as floats may come back as ints either way, e.g. 1.0 -> 1).
+    """
+    run = find_wandb_run(path)
+    if use_leet:
+        result = _read_with_leet(run)
+        if result is not None:
+            return result
+    return _read_transaction_log(run)

@@ -1,0 +1,417 @@
+"""Stage I: train a tokenizer with two optimizers (tokenizer, discriminator) under Accelerate.
+
+The generator step freezes the discriminator (no gradient leaks into D under accumulation, unlike
+the official code, spec 6.4); K is drawn per optimizer step from the candidate distribution with
+a seed shared by every rank; validation pins K explicitly; the schedule counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.utils import save_image
+
+from ..data import build_dataset
+from ..losses import (
+    LeCam,
+    LPIPSLoss,
+    alignment_kl,
+    frozen,
+    hinge_d_loss,
+    load_dino_teacher,
+    non_saturating_g_loss,
+    reconstruction_loss,
+    tiny_random_teacher,
+)
+from ..models.discriminator import PatchGANDiscriminator
+from ..models.factory import build_tokenizer, layout
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng
+from .ema import EMA
+from .loggers import build_logger
+from .runner import (
+    KeepSampler,
+    SeededItems,
+    batches_per_epoch,
+    build_accelerator,
+    epoch_loader,
+    seed_everything,
+)
+from .schedules import build_scheduler
+from .session import RunSession
+
+log = logging.getLogger(__name__)
+
+
+class Stage1Model(nn.Module):
+    """What DDP wraps: the reconstruction pass and the alignment (CLS) branch in one forward."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, x: torch.Tensor, keep: int | None, view: torch.Tensor | None = None, num_positions: int | None = None):
+        xrec, aux = self.tokenizer(x, keep)
+        if view is not None:
+            aux["align_logits"] = self.tokenizer.align_logits(view, keep, num_positions)
+        return xrec, aux
+
+
+def psnr_per_image(x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each image ([-1, 1] inputs, peak 1 after mapping to [0, 1]). [B,3,H,W] -> [B]."""
+    mse = ((x.float() - xrec.float().clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+class Stage1Criterion(nn.Module):
+    """Generator and discriminator objectives (spec 6.2, 6.3) from the ``loss`` config."""
+
+    def __init__(self, loss: Mapping[str, Any], has_teacher: bool, has_recovery: bool):
+        super().__init__()
+        self.cfg = dict(loss)
+        self.lpips = None
+        if self.cfg["perceptual_weight"] > 0:
+            perceptual = self.cfg.get("perceptual", {})
+            self.lpips = LPIPSLoss(perceptual.get("pretrained", True), perceptual.get("backbone_weights"))
+        self.lecam = LeCam(self.cfg.get("lecam_decay", 0.999))
+        self.has_teacher, self.has_recovery = has_teacher, has_recovery
+
+    def generator(self, x, xrec, aux, discriminator: nn.Module | None, teacher_logits=None):
+        """-> (weighted total, {name: detached value})."""
+        c = self.cfg
+        terms = {"rec": reconstruction_loss(x, xrec, c["reconstruction"])}
+        total = c["reconstruction_weight"] * terms["rec"]
+        if self.lpips is not None:
+            terms["lpips"] = self.lpips(x, xrec).mean()
+            total = total + c["perceptual_weight"] * terms["lpips"]
+        quantizer = aux["losses"]
+        total = total + quantizer["loss"]
+        terms.update({k: quantizer[k] for k in ("commit", "entropy", "sample_entropy", "batch_entropy")})
+        if discriminator is not None:
+            with frozen(discriminator):
+                terms["g_adv"] = non_saturating_g_loss(discriminator(xrec))
+            total = total + c["adversarial_weight"] * terms["g_adv"]
+        if teacher_logits is not None:
+            terms["align"] = alignment_kl(aux["align_logits"], teacher_logits, c.get("align_tau", 4.0))
+            total = total + c["align_weight"] * terms["align"]
+        if self.has_recovery:
+            terms["recovery"] = quantizer["recovery"]
+            terms["recovery_acc"] = quantizer["recovery_accuracy"]
+            total = total + c["recovery_weight"] * terms["recovery"]
+        terms["total"] = total
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def discriminator(self, discriminator: nn.Module, x, xrec, reduce=None):
+        """Hinge + LeCam on detached reconstructions. reduce averages the logit means over ranks so the
+        LeCam EMAs stay identical on every process."""
+        real, fake = discriminator(x), discriminator(xrec.detach())
+        hinge = hinge_d_loss(real, fake)
+        means = torch.stack([real.detach().mean(), fake.detach().mean()])
+        if reduce is not None:
+            means = reduce(means)
+        self.lecam.update(means[0], means[1])
+        lecam = self.lecam.penalty(real, fake)
+        total = hinge + self.cfg["lecam_weight"] * lecam
+        return total, {"d_hinge": float(hinge.detach()), "d_lecam": float(lecam.detach()), "d_real": float(means[0]), "d_fake": float(means[1])}
+
+
+def build_teacher(teacher: Mapping[str, Any], align_dim: int, align_size: int):
+    kind = teacher.get("kind", "none")
+    if kind == "none":
+        return None
+    if kind == "tiny_random":
+        log.warning("alignment teacher is a tiny RANDOM DINOv2 (tests only): alignment metrics are not meaningful")
+        return tiny_random_teacher(hidden_size=align_dim, num_hidden_layers=1, num_attention_heads=2, image_size=align_size)
+    if kind == "dinov2":
+        model = load_dino_teacher(teacher["path"])
+        width = model.model.config.hidden_size
+        if width != align_dim:
+            raise ValueError(f"teacher width {width} != tokenizer.align_dim {align_dim}: set tokenizer.align_dim={width}")
+        return model
+    raise ValueError(f"teacher.kind={kind!r}: use none, dinov2 or tiny_random")
+
+
+def _views(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    return ("image", "image_aug_w", "image_aug_s") if cfg["teacher"]["kind"] != "none" else ("image",)
+
+
+def build_data(cfg: Mapping[str, Any], split: str):
+    data = cfg["data"]
+    kwargs = dict(data.get("train_kwargs" if split == "train" else "val_kwargs") or {})
+    return build_dataset(
+        data["name"], split, root=data.get("root"), cache_dir=data.get("cache_dir"), size=data["size"],
+        align_size=data["align_size"], views=_views(cfg) if split == "train" else ("image",), **kwargs,
+    )
+
+
+class Stage1Trainer:
+    """Holds the run's modules and state; ``fit()`` runs to train.max_steps, resuming when asked."""
+
+    def __init__(self, cfg: Mapping[str, Any], session: RunSession):
+        self.cfg, self.session = cfg, session
+        train = cfg["train"]
+        seed_everything(cfg["seed"])
+        tokenizer = build_tokenizer(cfg["tokenizer"], cfg.get("variant"), cfg["quantizer"], cfg.get("recovery"))
+        self.is_mergevq = cfg["tokenizer"].get("kind", "mergevq") == "mergevq"
+        spec = layout(cfg["tokenizer"], cfg["variant"]) if self.is_mergevq else None
+        self.num_positions = spec["num_positions"] if spec else None
+        keeps = train.get("keep_candidates") or (spec["keep_candidates"] if spec else [None])
+        probs = train.get("keep_probs") or (spec["keep_probs"] if spec and not train.get("keep_candidates") else None)
+        self.keep_sampler = KeepSampler(keeps, probs, cfg["seed"])
+        self.val_keeps = list(train.get("val_keeps") or keeps)
+
+        teacher_kind = cfg["teacher"]["kind"]
+        has_align_head = self.is_mergevq and tokenizer.encoder.align_head is not None
+        if teacher_kind != "none" and not has_align_head:
+            raise ValueError("teacher.kind is set but the tokenizer has no alignment head (variant.align_head=none)")
+        acc = build_accelerator(cfg["backend"], find_unused_parameters=has_align_head and teacher_kind == "none")
+        self.acc = acc
+        session.attach(acc)
+        world = acc.num_processes
+        if train["global_batch_size"] % (world * train["grad_accum"]):
+            raise ValueError(
+                f"train.global_batch_size={train['global_batch_size']} is not divisible by processes ({world}) x "
+                f"train.grad_accum ({train['grad_accum']}): choose a multiple of {world * train['grad_accum']}"
+            )
+        self.micro_batch = train["global_batch_size"] // (world * train["grad_accum"])
+        self.teacher = build_teacher(cfg["teacher"], cfg["tokenizer"].get("align_dim", 768), cfg["data"]["align_size"])
+        self.criterion = Stage1Criterion(cfg["loss"], self.teacher is not None, cfg.get("recovery", {}).get("enabled", False))
+        disc_cfg = cfg["loss"].get("discriminator", {})
+        self.use_gan = cfg["loss"]["adversarial_weight"] > 0
+        discriminator = PatchGANDiscriminator(ndf=disc_cfg.get("ndf", 64), n_layers=disc_cfg.get("n_layers", 3))
+
+        opt_g = torch.optim.Adam(tokenizer.parameters(), lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=train["disc_lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])
+        schedule = dict(train["lr_schedule"])
+        self.sched_g = build_scheduler(opt_g, total_steps=train["max_steps"], **schedule)
+        self.sched_d = build_scheduler(opt_d, total_steps=train["max_steps"], **schedule)
+        self.model, self.disc, self.opt_g, self.opt_d = acc.prepare(Stage1Model(tokenizer), discriminator, opt_g, opt_d)
+        device = acc.device
+        self.criterion.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        self.ema = EMA(self.tokenizer, decay=train["ema"]["decay"]) if train["ema"]["enabled"] else None
+
+        self.train_items = SeededItems(build_data(cfg, "train"), cfg["seed"])
+        self.val_data = build_data(cfg, "val")
+        self.steps_per_epoch = batches_per_epoch(len(self.train_items), self.micro_batch, world) // train["grad_accum"]
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(self.train_items)} images) is smaller than one global batch")
+        self.step, self.logger = 0, None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def tokenizer(self) -> nn.Module:
+        return self.acc.unwrap_model(self.model).tokenizer
+
+    def modules_to_save(self) -> dict[str, Any]:
+        modules = {"tokenizer": self.tokenizer, "discriminator": self.acc.unwrap_model(self.disc), "lecam": self.criterion.lecam}
+        if self.ema is not None:
+            modules["tokenizer_ema"] = self.ema.state_dict()
+        return modules
+
+    def optimizers_to_save(self) -> dict[str, Any]:
+        return {"opt_g": self.opt_g.optimizer, "opt_d": self.opt_d.optimizer, "sched_g": self.sched_g, "sched_d": self.sched_d}
+
+    def save(self) -> None:
+        self.session.save_checkpoint(self.step, self.modules_to_save(), self.optimizers_to_save(), {"step": self.step})
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.get("resume", "auto")
+        if resume == "never":
+            return
+        path = latest_checkpoint(self.session.checkpoint_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        modules = self.modules_to_save()
+        ema_state = modules.pop("tokenizer_ema", None)
+        if ema_state is not None:
+            modules["tokenizer_ema"] = self.ema
+        state = load_checkpoint(path, modules, self.optimizers_to_save(), rank=self.acc.process_index)
+        if state["rng"] is not None:
+            restore_rng(state["rng"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ training
+    def _micro_batches(self):
+        """Yield lists of grad_accum micro-batches, one list per optimizer step, from the resume point."""
+        accum = self.cfg["train"]["grad_accum"]
+        rank, world = self.acc.process_index, self.acc.num_processes
+        while True:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            loader = epoch_loader(
+                self.train_items, self.micro_batch, rank, world, epoch,
+                skip_batches=in_epoch * accum, workers=self.cfg["train"]["num_workers"],
+            )
+            buffer = []
+            for batch in loader:
+                buffer.append(batch)
+                if len(buffer) == accum:
+                    yield buffer
+                    buffer = []
+                    if self.step % self.steps_per_epoch == 0:
+                        break
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        acc, train = self.acc, self.cfg["train"]
+        keep = self.keep_sampler(self.step)
+        gan_on = self.use_gan and self.step >= self.cfg["loss"]["disc_start"]
+        d_raw = acc.unwrap_model(self.disc)
+        logs: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            x = batch["image"].to(acc.device)
+            with acc.no_sync(self.model) if not last else contextlib.nullcontext():
+                with acc.autocast():
+                    teacher_logits = None
+                    view = None
+                    if self.teacher is not None:
+                        teacher_logits = self.teacher(batch["image_aug_w"].to(acc.device))
+                        view = batch["image_aug_s"].to(acc.device)
+                    xrec, aux = self.model(x, keep, view, self.num_positions)
+                    loss_g, g_logs = self.criterion.generator(x, xrec, aux, d_raw if gan_on else None, teacher_logits)
+                acc.backward(loss_g / len(micro_batches))
+            if gan_on:
+                with acc.no_sync(self.disc) if not last else contextlib.nullcontext():
+                    with acc.autocast():
+                        loss_d, d_logs = self.criterion.discriminator(self.disc, x, xrec, reduce=lambda t: acc.reduce(t, "mean"))
+                    acc.backward(loss_d / len(micro_batches))
+                g_logs.update(d_logs)
+            for key, value in g_logs.items():
+                logs[key] = logs.get(key, 0.0) + value / len(micro_batches)
+        if train.get("grad_clip"):
+            logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
+            if gan_on:
+                acc.clip_grad_norm_(self.disc.parameters(), train["grad_clip"])
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        if gan_on:
+            self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+        self.sched_g.step()
+        self.sched_d.step()
+        if self.ema is not None:
+            self.ema.update(self.tokenizer)
+        logs.update(keep=keep or 0, lr=self.sched_g.get_last_lr()[0])
+        return logs
+
+    def fit(self) -> dict[str, float]:
+        cfg, train, acc = self.cfg, self.cfg["train"], self.acc
+        options = {k: v for k, v in cfg["logger"].items() if k != "kind"}
+        if cfg["logger"]["kind"] == "wandb":
+            options["config"] = self.session.config
+        self.logger = build_logger(cfg["logger"]["kind"], self.session.run_dir, acc.is_main_process, **options)
+        self.maybe_resume()
+        progress = None
+        if train.get("progress", True) and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=train["max_steps"], initial=self.step, desc="stage I", dynamic_ncols=True)
+        start, images = time.perf_counter(), 0
+        last_logs: dict[str, float] = {}
+        batches = self._micro_batches()
+        stop_at = train.get("interrupt_at") or train["max_steps"]
+        while self.step < min(train["max_steps"], stop_at):
+            logs = self.train_step(next(batches))
+            self.step += 1
+            images += train["global_batch_size"]
+            last_logs = logs
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
+            if self.step % train["log_every"] == 0 or self.step == train["max_steps"]:
+                elapsed = time.perf_counter() - start
+                logs["images_per_s"] = images / max(elapsed, 1e-9)
+                self.logger.log({f"train/{k}": v for k, v in logs.items()}, self.step)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{logs['total']:.4f}", K=logs["keep"], img_s=f"{logs['images_per_s']:.1f}")
+            if progress is not None:
+                progress.update(1)
+            if self.step % train["val_every"] == 0 or self.step == train["max_steps"]:
+                self.validate()
+            if self.step % train["ckpt_every"] == 0 or self.step == train["max_steps"]:
+                self.save()
+        if progress is not None:
+            progress.close()
+        self.logger.summary({f"final/{k}": v for k, v in last_logs.items()})
+        self.logger.finish()
+        return last_logs
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> list[dict[str, float]]:
+        """Rank 0: reconstruction metrics per pinned K on the held-out split (EMA weights when kept);
+        writes a grid (originals, then one row per K) and a per-K table into the run directory."""
+        acc = self.acc
+        rows: list[dict[str, float]] = []
+        if acc.is_main_process:
+            tokenizer = self.tokenizer
+            context = self.ema.swapped(tokenizer) if self.ema is not None else contextlib.nullcontext()
+            was_training = tokenizer.training
+            with context:
+                tokenizer.eval()
+                rows = self._validation_rows(tokenizer)
+            tokenizer.train(was_training)
+            for row in rows:
+                k = int(row["keep"])
+                self.logger.log({f"val/k{k}/{key}": v for key, v in row.items() if key != "keep"}, self.step)
+            columns = list(rows[0])
+            self.logger.log_table("val/per_k", columns, [[row[c] for c in columns] for row in rows], self.step)
+            write_table(self.session.run_dir / "val_per_k.csv", rows)
+        acc.wait_for_everyone()
+        return rows
+
+    def _validation_rows(self, tokenizer: nn.Module) -> list[dict[str, float]]:
+        loader = torch.utils.data.DataLoader(self.val_data, batch_size=max(self.micro_batch, 8), shuffle=False)
+        batches = [b["image"] for _, b in zip(range(self.cfg["train"]["val_batches"]), loader)]
+        device = self.acc.device
+        grid, rows = [batches[0][:8]], []
+        for keep in self.val_keeps:
+            psnr, rec, lpips, codes = [], [], [], []
+            for x in batches:
+                x = x.to(device)
+                xrec, aux = tokenizer(x, keep)
+                psnr.append(psnr_per_image(x, xrec))
+                rec.append((x - xrec).abs().flatten(1).mean(1))
+                if self.criterion.lpips is not None:
+                    lpips.append(self.criterion.lpips(x, xrec.clamp(-1, 1)))
+                codes.append(aux["codes"].flatten())
+            all_codes = torch.cat(codes)
+            row = {
+                "keep": keep or 0,
+                "psnr": float(torch.cat(psnr).mean()),
+                "l1": float(torch.cat(rec).mean()),
+                "code_usage": float(all_codes.unique().numel() / all_codes.numel()),
+            }
+            if lpips:
+                row["lpips"] = float(torch.cat(lpips).mean())
+            rows.append(row)
+            grid.append(tokenizer(batches[0][:8].to(device), keep)[0].clamp(-1, 1).cpu())
+        images = self.session.run_dir / "images"
+        images.mkdir(exist_ok=True)
+        path = images / f"reconstructions_step{self.step:08d}.png"
+        save_image(torch.cat(grid) * 0.5 + 0.5, path, nrow=len(grid[0]))
+        self.logger.log_images("val/reconstructions", path, self.step, caption=f"originals, then K={self.val_keeps}")
+        return rows
+
+
+def write_table(path: Path, rows: list[dict[str, float]]) -> None:
+    """Per-K rows as CSV (atomic replace)."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def train_tokenizer(cfg: Mapping[str, Any], session: RunSession) -> dict[str, float]:
+    return Stage1Trainer(cfg, session).fit()

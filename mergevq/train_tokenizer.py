@@ -1,0 +1,41 @@
+"""Stage I entry: python -m mergevq.train_tokenizer [experiment=...] [key=value ...]
+
+Multi-process on CPU: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.train_tokenizer ...
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from .cli import run_entry
+from .config_check import ConfigError, check_tokenizer_run
+
+log = logging.getLogger("mergevq")
+
+
+def task(cfg: DictConfig) -> float:
+    from .engine.runner import world_info
+    from .engine.session import RunSession
+    from .engine.stage1 import train_tokenizer
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        check_tokenizer_run(config, world_size=world_info()[1])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    session = RunSession(config["run_dir"], config, OmegaConf.to_yaml(cfg, resolve=True), keep_last=config["train"]["keep_last"])
+    final = train_tokenizer(config, session)
+    log.info("finished: %s", {k: round(v, 4) for k, v in final.items()})
+    return final.get("rec", float("nan"))
+
+
+def main() -> None:
+    run_entry("train_tokenizer", task)
+
+
+if __name__ == "__main__":
+    main()
