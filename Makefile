@@ -7,7 +7,9 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary
+.PHONY: help install test lint demo summary train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+NPROC ?= 2
+DEMO_DIR ?= outputs/demo
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -29,5 +31,18 @@ lint: $(STAMP) ## ruff
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.summary $(ARGS)
 
-demo: $(STAMP) ## reconstruct photos with the tiny tokenizer (grows into the full pipeline)
-	$(PY) -m mergevq.demo $(ARGS)
+demo: $(STAMP) ## train the tiny G+R tokenizer on Fashion-MNIST (CPU, minutes); grid + per-K table in outputs/demo
+	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.train_tokenizer experiment=demo_tiny $(ARGS)
+	$(PY) -m mergevq.demo $(DEMO_DIR)
+
+train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 data.root=..."
+	$(PY) -m mergevq.train_tokenizer $(ARGS)
+
+train-tokenizer-ddp: $(STAMP) ## stage I on NPROC CPU processes (torchrun); GPUs: see README
+	ACCELERATE_USE_CPU=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m mergevq.train_tokenizer $(ARGS)
+
+sweep-merge: $(STAMP) ## Hydra multirun over keep-K candidate lists (sweep=merge_ratio)
+	$(PY) -m mergevq.train_tokenizer sweep=merge_ratio $(ARGS)
+
+sweep-codebook: $(STAMP) ## Hydra multirun over LFQ bits x entropy weight (sweep=codebook)
+	$(PY) -m mergevq.train_tokenizer sweep=codebook $(ARGS)

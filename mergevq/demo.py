@@ -1,50 +1,43 @@
-"""`make demo` (first stage of the pipeline): reconstruct held-out photos with the tiny G+R tokenizer at
-several K and write a grid PNG. The weights are randomly initialised until the training job lands,
-so the reconstructions show the mechanics (merging, quantization, unmerging), not quality; the
-output says so.
+"""`make demo` report: after the tiny tokenizer's training run, collect what it produced.
 
-    python -m mergevq.demo [out=outputs/demo] [keeps=25,36,49,64]
+    python -m mergevq.demo RUN_DIR
+
+Writes RUN_DIR/per_k.md (PSNR, L1 and code usage per K on the held-out split, from the final
+validation) and RUN_DIR/reconstructions.png (originals, then one row per K), and prints both paths.
 """
 
 from __future__ import annotations
 
+import csv
+import shutil
 import sys
 from pathlib import Path
 
-import torch
-import yaml
-from torchvision.utils import save_image
 
-from .data import build_dataset
-from .models.factory import build_tokenizer
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _group(group: str, name: str) -> dict:
-    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+def per_k_markdown(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row[c] if c == "keep" else f"{float(row[c]):.4f}" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> Path:
-    options = dict(arg.split("=", 1) for arg in argv)
-    out = Path(options.get("out", "outputs/demo"))
-    keeps = [int(k) for k in options.get("keeps", "25,36,49,64").split(",")]
-    torch.manual_seed(0)
-    tok = build_tokenizer(_group("tokenizer", "tiny"), _group("variant", "gr"), {"bits": 18}).eval()
-    data = build_dataset("photos", "val", size=32, num_samples=8, crop_size=64)
-    x = torch.stack([data[i]["image"] for i in range(len(data))])
-    rows = [x]
-    with torch.no_grad():
-        for keep in keeps:
-            tokens = tok.encode(x, keep=keep)
-            rows.append(tok.decode(tokens).clamp(-1, 1))
-            print(f"K={keep:4d}: codes {tuple(tokens.codes.shape)}, groups {tuple(tokens.groups.shape)}")
-    out.mkdir(parents=True, exist_ok=True)
-    grid = out / "reconstructions_untrained.png"
-    save_image(torch.cat(rows) * 0.5 + 0.5, grid, nrow=len(x))
-    print(f"wrote {grid} (rows: originals, then K={keeps}; UNTRAINED random weights)")
-    return grid
+def report(run_dir: Path) -> tuple[Path, Path]:
+    table = run_dir / "val_per_k.csv"
+    grids = sorted((run_dir / "images").glob("reconstructions_step*.png"))
+    if not table.is_file() or not grids:
+        raise FileNotFoundError(f"{run_dir} has no validation results yet: run `make demo` (training) first")
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    markdown = run_dir / "per_k.md"
+    markdown.write_text(f"# Tiny G+R tokenizer, held-out reconstructions per K ({grids[-1].stem})\n\n" + per_k_markdown(rows))
+    grid = run_dir / "reconstructions.png"
+    shutil.copyfile(grids[-1], grid)
+    print(markdown.read_text())
+    print(f"grid (originals, then K = {', '.join(r['keep'] for r in rows)}): {grid}")
+    return markdown, grid
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    report(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo"))

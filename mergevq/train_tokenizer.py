@@ -27,7 +27,13 @@ def task(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    session = RunSession(config["run_dir"], config, OmegaConf.to_yaml(cfg, resolve=True), keep_last=config["train"]["keep_last"])
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    session = RunSession(
+        config["run_dir"], {**config, "overrides": overrides}, OmegaConf.to_yaml(cfg, resolve=True),
+        keep_last=config["train"]["keep_last"],
+    )
     final = train_tokenizer(config, session)
     log.info("finished: %s", {k: round(v, 4) for k, v in final.items()})
     return final.get("rec", float("nan"))

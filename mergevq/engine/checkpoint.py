@@ -49,6 +49,7 @@ STATE_FILE = "state.json"
 OPTIM_FILE = "optim.pt"
 _FINAL_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_\d+\.tmp")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -240,6 +241,9 @@ def finalize_checkpoint(
     if bad:
         raise TypeError(f"metadata must be dict[str, str]; offending entries: {bad}")
     meta = dict(metadata)
+    bad_names = [n for n in models if not _NAME_RE.match(n)]
+    if bad_names:
+        raise ValueError(f"model names must match {_NAME_RE.pattern} (they become file names): {bad_names}")
 
     for name, model in models.items():
         file = tmp / f"{name}.safetensors"

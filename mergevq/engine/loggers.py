@@ -20,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -399,7 +400,17 @@ def _read_transaction_log(run: Path) -> dict[str, Any]:
     }
 
 
-def read_offline_wandb(path: str | os.PathLike, use_leet: bool = True) -> dict[str, Any]:
+def _read_once(run: Path, use_leet: bool) -> dict[str, Any]:
+    if use_leet:
+        result = _read_with_leet(run)
+        if result is not None:
+            return result
+    return _read_transaction_log(run)
+
+
+def read_offline_wandb(
+    path: str | os.PathLike, use_leet: bool = True, timeout: float = 60.0
+) -> dict[str, Any]:
     """Read a local (offline) W&B run back, for tests and reports.
 
     path: run_dir given to :class:`WandbLogger`, its ``wandb/`` dir, or a run folder.
@@ -410,15 +421,24 @@ def read_offline_wandb(path: str | os.PathLike, use_leet: bool = True) -> dict[s
     * history: one dict per logged step in order, keys flattened with ``.`` (``img._type``), with
       ``_step``, ``_runtime``, ``_timestamp``. Calls at the same step are merged into one row.
     * config: nested, without W&B's internal ``_wandb`` entry.
+    * state: "finished" / "failed" once the exit record is in the log, else "running".
 
     Uses ``wandb leet inspect --summary --json`` and ``wandb leet inspect --json`` (one JSON record per
     line; the ``history`` records carry ``history.item``). If leet is unavailable (wandb < 0.31, no
     wandb-core binary) or ``use_leet=False``, the transaction log is decoded directly, giving the same
     values (integers written as floats may come back as ints either way, e.g. 1.0 -> 1).
+
+    ``run.finish()`` can return before wandb-core has flushed the log's last 32 KiB block, so this
+    re-reads (every 0.2 s, up to ``timeout`` seconds) until the run's exit record is there and the file
+    stopped growing; after the timeout it returns what it has (state "running").
     """
     run = find_wandb_run(path)
-    if use_leet:
-        result = _read_with_leet(run)
-        if result is not None:
+    log_file = next(run.glob("*.wandb"))
+    deadline = time.monotonic() + timeout
+    while True:
+        size = log_file.stat().st_size
+        result = _read_once(run, use_leet)
+        done = result["state"] != "running" and log_file.stat().st_size == size
+        if done or time.monotonic() >= deadline:
             return result
-    return _read_transaction_log(run)
+        time.sleep(0.2)

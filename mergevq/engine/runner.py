@@ -129,9 +129,10 @@ class KeepSampler:
             raise ValueError(f"keep probabilities {list(probs)} must match {list(keeps)} and sum to 1")
         self.keeps, self.probs, self.seed = list(keeps), np.asarray(probs, dtype=float), seed
 
-    def __call__(self, step: int) -> int:
+    def __call__(self, step: int) -> int | None:
         rng = np.random.default_rng(mix_seed(self.seed, step, 7))
-        return int(self.keeps[rng.choice(len(self.keeps), p=self.probs)])
+        keep = self.keeps[rng.choice(len(self.keeps), p=self.probs)]
+        return None if keep is None else int(keep)  # None: no merging (tokenizer kind magvit2)
 
 
 def world_info() -> tuple[int, int]:

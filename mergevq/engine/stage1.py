@@ -294,8 +294,7 @@ class Stage1Trainer:
                 acc.clip_grad_norm_(self.disc.parameters(), train["grad_clip"])
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
-        if gan_on:
-            self.opt_d.step()
+        self.opt_d.step()  # a no-op before disc_start (no gradients); keeps both schedules in step
         self.opt_d.zero_grad(set_to_none=True)
         self.sched_g.step()
         self.sched_d.step()
