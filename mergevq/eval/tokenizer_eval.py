@@ -1,0 +1,152 @@
+"""Evaluate a tokenizer checkpoint: rFID, PSNR, SSIM, LPIPS and codebook statistics per K in one pass
+over the held-out split, sharded over processes; writes the evaluation card and a plot."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, Subset
+
+from ..data import build_dataset, default_cache_dir
+from ..engine.restore import load_trained_tokenizer
+from .card import lpips_info, package_versions, sha256_file, write_card
+from .features import FeatureCache, RandomFeatures, TFInceptionFeatures, extractor_meta
+from .fid import fid_from_features
+from .recon import ReconstructionEvaluator
+
+log = logging.getLogger(__name__)
+
+
+def build_extractor(kind: str):
+    if kind == "inception":
+        return TFInceptionFeatures()
+    if kind == "random":
+        log.warning("rFID with UNTRAINED random features: a smoke-test number, not comparable to published rFID")
+        return RandomFeatures()
+    raise ValueError(f"features={kind!r}: use inception or random")
+
+
+def default_keeps(run_cfg: Mapping[str, Any]) -> list[int | None]:
+    """The run's validation keeps, else its train-time candidates; [None] for a non-merging tokenizer."""
+    train = run_cfg["train"]
+    if train.get("val_keeps") or train.get("keep_candidates"):
+        return list(train.get("val_keeps") or train["keep_candidates"])
+    if run_cfg["tokenizer"].get("kind", "mergevq") != "mergevq":
+        return [None]
+    from ..models.factory import layout
+
+    return layout(run_cfg["tokenizer"], run_cfg["variant"])["keep_candidates"]
+
+
+def eval_data_config(run_cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    data = dict(run_cfg["data"])
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return data
+
+
+def plot_per_k(rows: list[dict[str, Any]], path: Path, untrained_features: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keeps = [r["keep"] for r in rows]
+    fig, left = plt.subplots(figsize=(5, 3.2), dpi=120)
+    left.plot(keeps, [r["rfid"] for r in rows], "o-", color="tab:red", label="rFID")
+    left.set_xlabel("kept tokens K")
+    left.set_ylabel("rFID" + (" (untrained features)" if untrained_features else ""), color="tab:red")
+    right = left.twinx()
+    right.plot(keeps, [r["psnr"] for r in rows], "s--", color="tab:blue", label="PSNR")
+    right.set_ylabel("PSNR (dB)", color="tab:blue")
+    left.set_title("reconstruction vs K")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> dict[str, Any]:
+    """cfg: the ``evaluate`` config (plain dict). Returns the card (rank 0) or {} (other ranks)."""
+    tokenizer, run_cfg, checkpoint = load_trained_tokenizer(cfg["ckpt"], cfg["weights"])
+    tokenizer.to(accelerator.device)
+    keeps = list(cfg.get("keeps") or default_keeps(run_cfg))
+    data = eval_data_config(run_cfg, cfg.get("data"))
+    dataset = build_dataset(
+        data["name"], cfg["split"], root=data.get("root"), cache_dir=data.get("cache_dir"), size=data["size"],
+        align_size=data["align_size"], views=("image",), **dict(data.get("val_kwargs") or {}),
+    )
+    total = min(len(dataset), cfg.get("num_images") or len(dataset))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shard = Subset(dataset, list(range(rank, total, world)))
+    loader = DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg.get("num_workers", 0))
+
+    extractor = build_extractor(cfg["features"]).to(accelerator.device)
+    cache = FeatureCache(Path(cfg.get("cache_dir") or default_cache_dir() / "features"))
+    dataset_id = f"{data['name']}:{data.get('root')}:{cfg['split']}:{sorted((data.get('val_kwargs') or {}).items())}:{total}"
+    transform_id = f"resize-bilinear-{data['size']}:center-crop-{data['size']}"
+    key = cache.key(dataset_id, transform_id, extractor)
+    cached_real = cache.load(key)
+    lpips = None
+    if cfg["lpips"]["enabled"]:
+        from ..losses import LPIPSLoss
+
+        lpips = LPIPSLoss(cfg["lpips"]["pretrained"], cfg["lpips"].get("backbone_weights")).to(accelerator.device)
+    evaluator = ReconstructionEvaluator(
+        tokenizer, keeps, lpips=lpips, feature_fn=lambda x: extractor((x + 1) / 2),
+        collect_real_features=cached_real is None,
+    )
+    batches = loader
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=f"evaluate K={keeps}", dynamic_ncols=True)
+    for batch in batches:
+        evaluator.update(batch["image"])
+    evaluator.reduce(accelerator)
+    if not accelerator.is_main_process:
+        return {}
+
+    real = cached_real if cached_real is not None else evaluator.real_features()
+    if cached_real is None:
+        cache.save(key, real)
+    results = evaluator.results()
+    rows = []
+    for keep in keeps:
+        row = {"keep": keep if keep is not None else results[keep]["num_tokens"], **results[keep]}
+        row["rfid"] = fid_from_features(real, evaluator.features(keep), method="eigh")
+        rows.append(row)
+    meta = extractor_meta(extractor)
+    weights_file = checkpoint / f"{'tokenizer_ema' if cfg['weights'] == 'ema' else 'tokenizer'}.safetensors"
+    card = {
+        "kind": "tokenizer",
+        "metrics": {str(r["keep"]): {k: v for k, v in r.items() if k != "keep"} for r in rows},
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(weights_file),
+        "weights": cfg["weights"],
+        "keeps": [r["keep"] for r in rows],
+        "image_size": data["size"],
+        "resize": f"bilinear {data['size']} (shorter side)",
+        "crop": f"center {data['size']}",
+        "num_images": total,
+        "dataset": dataset_id,
+        "reference_stats_sha256": None,
+        "real_features_cache": str(cache.path(key)),
+        "frechet_distance": "trace of the symmetric square root via eigh (equal to scipy sqrtm to 1e-6)",
+        "feature_extractor": {"name": meta["extractor"], "weights_sha256": meta["extractor_weights_sha256"],
+                              "trained": meta["extractor_trained"]},
+        "seeds": {"eval": cfg.get("seed", 0), "train": run_cfg.get("seed")},
+        "package_versions": package_versions(),
+        "processes": world,
+    }
+    if lpips is not None:
+        card["lpips"] = lpips_info(lpips)
+    json_path, md_path = write_card(run_dir, card)
+    if cfg.get("plot", True):
+        card["plot"] = str(plot_per_k(rows, run_dir / "per_k.png", not meta["extractor_trained"]))
+    for row in rows:
+        log.info("K=%s rFID=%.3f PSNR=%.2f SSIM=%.4f usage=%.4f", row["keep"], row["rfid"], row["psnr"], row["ssim"], row["code_usage"])
+    log.info("evaluation card: %s, %s", json_path, md_path)
+    return card
