@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary eval probe train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench-ar train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 
@@ -43,6 +43,18 @@ eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps
 
 probe: $(STAMP) ## linear probe of the frozen encoder: make probe CKPT=outputs/demo
 	$(PY) -m mergevq.probe ckpt=$(CKPT) $(ARGS)
+
+tokenize: $(STAMP) ## pre-tokenize a data set: make tokenize ARGS="ckpt=outputs/demo out=outputs/codes keep_range=[16,64]"
+	$(PY) -m mergevq.tokenize $(ARGS)
+
+train-ar: $(STAMP) ## stage II: make train-ar ARGS="codes=outputs/codes generator=mergear ar=tiny"
+	$(PY) -m mergevq.train_ar $(ARGS)
+
+sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_class=8 cfg_scale=[2,2]"]
+	$(PY) -m mergevq.sample ckpt=$(CKPT) $(ARGS)
+
+bench-ar: $(STAMP) ## benchmark: raster vs MergeAR sampling tokens/s and KV-cache bytes (JSON in outputs/bench)
+	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
 
 train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 data.root=..."
 	$(PY) -m mergevq.train_tokenizer $(ARGS)

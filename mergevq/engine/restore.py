@@ -47,3 +47,20 @@ def load_trained_tokenizer(path: str | Path, weights: str = "ema") -> tuple[nn.M
         raise FileNotFoundError(f"{checkpoint} has no {name}.safetensors (trained without EMA? use weights=raw)")
     load_checkpoint(checkpoint, {name: tokenizer})
     return tokenizer.eval(), config, checkpoint
+
+
+def load_trained_generator(path: str | Path, weights: str = "ema"):
+    """-> (GPT in eval mode, MergeARConfig or None, run config, code-cache meta, checkpoint dir).
+
+    weights: 'ema' uses gpt_ema when the run kept one, else the raw weights ('raw' forces them)."""
+    from ..data.code_cache import CodeCache
+    from .stage2 import cache_contents, generator_setup
+
+    checkpoint = resolve_checkpoint(path)
+    config = stored_config(checkpoint)
+    cache = CodeCache(config["codes"])
+    meta = {**cache.meta, **cache_contents(cache)}
+    model, mergear = generator_setup(config, meta)
+    name = "gpt_ema" if weights == "ema" and (checkpoint / "gpt_ema.safetensors").is_file() else "gpt"
+    load_checkpoint(checkpoint, {name: model})
+    return model.eval(), mergear, config, meta, checkpoint

@@ -1,0 +1,61 @@
+"""gFID / precision / recall of a sample set against the held-out split of the tokenizer's data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import build_dataset, default_cache_dir
+from ..engine.restore import load_trained_tokenizer
+from .card import package_versions, sha256_file, write_card
+from .features import FeatureCache, extractor_meta
+from .generator_eval import generator_metrics, reference_stats
+from .tokenizer_eval import build_extractor
+
+
+def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    settings = result["settings"]
+    _, tok_cfg, _ = load_trained_tokenizer(settings["tokenizer_checkpoint"], "raw")
+    data = tok_cfg["data"]
+    dataset = build_dataset(data["name"], "val", root=data.get("root"), cache_dir=data.get("cache_dir"), size=data["size"],
+                            align_size=data["align_size"], views=("image",), **dict(data.get("val_kwargs") or {}))
+    count = min(len(dataset), cfg["evaluate"]["num_reference"])
+    extractor = build_extractor(cfg["evaluate"]["features"])
+    dataset_id = f"{data['name']}:{data.get('root')}:val:{count}"
+    cache = FeatureCache(default_cache_dir() / "features")
+    key = cache.key(dataset_id, f"resize-bilinear-{data['size']}:center-crop-{data['size']}", extractor)
+    reference = cache.cache_dir / f"{key}.stats.npz"
+    features = cache.load(key)
+    if features is None or not reference.is_file():
+        images = torch.stack([dataset[i]["image"] for i in range(count)])
+        features, _, _ = reference_stats(extractor, images, reference, {"dataset": dataset_id})
+        cache.save(key, features)
+    metrics = generator_metrics(extractor, result["images"], reference, features)
+    meta = extractor_meta(extractor)
+    ckpt = Path(settings["checkpoint"])
+    weights = ckpt / ("gpt_ema.safetensors" if (ckpt / "gpt_ema.safetensors").is_file() and cfg["weights"] == "ema" else "gpt.safetensors")
+    card = {
+        "kind": "generator",
+        "metrics": {k: v for k, v in metrics.items() if k != "reference_stats_sha256"},
+        "checkpoint": str(ckpt),
+        "checkpoint_sha256": sha256_file(weights),
+        "weights": "ema" if weights.name == "gpt_ema.safetensors" else "raw",
+        "keeps": [settings.get("keep")],
+        "image_size": data["size"],
+        "resize": "none (generated at the tokenizer's resolution)",
+        "crop": "none",
+        "num_images": int(len(result["images"])),
+        "reference": {"dataset": dataset_id, "num_images": count, "stats": str(reference)},
+        "reference_stats_sha256": metrics["reference_stats_sha256"],
+        "feature_extractor": {"name": meta["extractor"], "weights_sha256": meta["extractor_weights_sha256"],
+                              "trained": meta["extractor_trained"]},
+        "sampling": settings,
+        "sampling_stats": result["stats"],
+        "seeds": {"sampling": cfg["seed"]},
+        "package_versions": package_versions(),
+    }
+    write_card(run_dir, card)
+    return card
