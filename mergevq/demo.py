@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 
-def per_k_markdown(rows: list[dict[str, str]]) -> str:
+def per_k_markdown(rows: list[dict[str, str]], text_columns: tuple[str, ...] = ("keep",)) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row[c] if c == "keep" else f"{float(row[c]):.4f}" for c in columns]
+        cells = [row[c] if c in text_columns else f"{float(row[c]):.4f}" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -42,6 +42,19 @@ def report(run_dir: Path) -> tuple[Path, Path]:
         text += (f"\n## Evaluation ({evaluation['num_images']} held-out images, "
                  f"{evaluation['feature_extractor']['name']} features; card: eval/eval_card.md, plot: eval/per_k.png)\n\n")
         text += "".join(f"**{w}**\n\n" for w in evaluation.get("warnings", [])) + per_k_markdown(eval_rows)
+    generators = []
+    for kind in ("mergear", "raster"):
+        sampling, card = run_dir / f"samples_{kind}" / "sampling.json", run_dir / f"samples_{kind}" / "eval_card.json"
+        if sampling.is_file():
+            stats = json.loads(sampling.read_text())
+            metrics = json.loads(card.read_text())["metrics"] if card.is_file() else {}
+            generators.append({"generator": kind, "gfid": str(metrics.get("gfid", "nan")),
+                               "tokens_per_s": str(stats["tokens_per_s"]),
+                               "peak_kv_entries": str(stats["peak_kv_cache_entries"]),
+                               "positions": str(stats["sequence_length"])})
+    if generators:
+        text += ("\n## Class-conditional generation (samples_*/samples.png; gFID against held-out images, "
+                 "TF-Inception features)\n\n" + per_k_markdown(generators, text_columns=("generator",)))
     markdown.write_text(text)
     grid = run_dir / "reconstructions.png"
     shutil.copyfile(grids[-1], grid)
