@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -112,6 +112,27 @@ def epoch_loader(
     items.epoch = epoch
     sampler = ShardSampler(len(items), rank, world, items.seed, epoch, skip=skip_batches * micro_batch)
     return DataLoader(items, batch_size=micro_batch, sampler=sampler, drop_last=True, num_workers=workers)
+
+
+def step_batches(
+    items: SeededItems, micro_batch: int, accum: int, rank: int, world: int, steps_per_epoch: int,
+    current_step: Callable[[], int], workers: int = 0,
+) -> Iterator[list]:
+    """Lists of ``accum`` micro-batches, one list per optimizer step, starting where current_step()
+    says (resume) and moving to the next epoch after steps_per_epoch steps (partial windows dropped)."""
+    while True:
+        epoch, in_epoch = divmod(current_step(), steps_per_epoch)
+        loader = epoch_loader(items, micro_batch, rank, world, epoch, in_epoch * accum, workers)
+        with torch.random.fork_rng(devices=[]):  # iter() draws a base seed from the global RNG: keep
+            batches = iter(loader)               # dropout's stream independent of where a run resumed
+        buffer = []
+        for batch in batches:
+            buffer.append(batch)
+            if len(buffer) == accum:
+                yield buffer
+                buffer = []
+                if current_step() % steps_per_epoch == 0:
+                    break
 
 
 def batches_per_epoch(size: int, micro_batch: int, world: int) -> int:

@@ -42,8 +42,8 @@ from .runner import (
     SeededItems,
     batches_per_epoch,
     build_accelerator,
-    epoch_loader,
     seed_everything,
+    step_batches,
 )
 from .schedules import build_scheduler
 from .session import RunSession
@@ -243,23 +243,10 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------ training
     def _micro_batches(self):
-        """Yield lists of grad_accum micro-batches, one list per optimizer step, from the resume point."""
-        accum = self.cfg["train"]["grad_accum"]
-        rank, world = self.acc.process_index, self.acc.num_processes
-        while True:
-            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            loader = epoch_loader(
-                self.train_items, self.micro_batch, rank, world, epoch,
-                skip_batches=in_epoch * accum, workers=self.cfg["train"]["num_workers"],
-            )
-            buffer = []
-            for batch in loader:
-                buffer.append(batch)
-                if len(buffer) == accum:
-                    yield buffer
-                    buffer = []
-                    if self.step % self.steps_per_epoch == 0:
-                        break
+        """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
+        return step_batches(self.train_items, self.micro_batch, self.cfg["train"]["grad_accum"], self.acc.process_index,
+                            self.acc.num_processes, self.steps_per_epoch, lambda: self.step,
+                            self.cfg["train"]["num_workers"])
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         acc, train = self.acc, self.cfg["train"]

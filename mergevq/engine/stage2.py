@@ -24,7 +24,7 @@ from ..models.mergear import MergeARConfig, keep_index, mergear_mask
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from .ema import EMA
 from .loggers import build_logger
-from .runner import SeededItems, batches_per_epoch, build_accelerator, epoch_loader, seed_everything
+from .runner import SeededItems, batches_per_epoch, build_accelerator, seed_everything, step_batches
 from .schedules import build_scheduler
 from .session import RunSession
 
@@ -123,20 +123,10 @@ class Stage2Trainer:
         return inputs
 
     def _batches(self):
-        accum = self.cfg["train"]["grad_accum"]
-        rank, world = self.acc.process_index, self.acc.num_processes
-        while True:
-            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            loader = epoch_loader(self.items, self.micro_batch, rank, world, epoch, in_epoch * accum,
-                                  self.cfg["train"]["num_workers"])
-            buffer = []
-            for batch in loader:
-                buffer.append(batch)
-                if len(buffer) == accum:
-                    yield buffer
-                    buffer = []
-                    if self.step % self.steps_per_epoch == 0:
-                        break
+        """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
+        return step_batches(self.items, self.micro_batch, self.cfg["train"]["grad_accum"], self.acc.process_index,
+                            self.acc.num_processes, self.steps_per_epoch, lambda: self.step,
+                            self.cfg["train"]["num_workers"])
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         acc, train = self.acc, self.cfg["train"]

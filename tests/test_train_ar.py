@@ -1,0 +1,350 @@
+"""Integration tests of the stage-II pipeline: tokenize -> train_ar -> sample (+ gFID card), the KV-cache
+benchmark and the CLI's one-line errors.
+
+One tiny tokenizer checkpoint (built, not trained, as in test_tokenize) and one code cache written by
+the real ``python -m mergevq.tokenize`` entry are shared by the module. Training runs go through
+Hydra's compose API and the entry's ``task`` in-process (tiny GPT, global batch 8, a few optimizer
+steps); real processes are used for the tokenize and sample entries and for the CLI error.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, load_group
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict, read_write
+from PIL import Image
+from safetensors.torch import load_file
+
+from mergevq.benchmarks import ar_cache
+from mergevq.cli import CONF_DIR
+from mergevq.data.code_cache import CodeCache
+from mergevq.engine.checkpoint import save_checkpoint
+from mergevq.engine.restore import load_trained_generator
+from mergevq.engine.schedules import lr_lambda
+from mergevq.models.factory import build_tokenizer
+from mergevq.sampling import sample_images
+from mergevq.train_ar import task as train_ar_task
+
+NUM_CLASSES = 11  # photos labels are indices into PHOTO_NAMES (11 names)
+KEEP_CHOICES = [16, 25, 36, 49, 64]  # reachable perfect squares in [16, 64] from the 8 x 8 grid
+DATA = {
+    "name": "photos", "root": None, "cache_dir": None, "size": 32, "align_size": 28,
+    "train_kwargs": {"num_samples": 32, "crop_size": 64, "seed": 0},
+    "val_kwargs": {"num_samples": 16, "crop_size": 64, "seed": 1},
+}
+# Shared by every training run: 32 cached items, global batch 8 -> 4 optimizer steps per epoch.
+BASE = (
+    "backend=cpu",
+    "logger=csv",
+    f"num_classes={NUM_CLASSES}",
+    "train.max_steps=4",
+    "train.lr_schedule.warmup_steps=1",
+    "train.global_batch_size=8",
+    "train.progress=false",
+    "train.log_every=1",
+)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def tiny_tokenizer(seed: int):
+    torch.manual_seed(seed)
+    return build_tokenizer(load_group("tokenizer", "tiny"), load_group("variant", "gr"), {"bits": 18}).eval()
+
+
+def run_module(module: str, cwd: Path, *args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a fresh process (one thread, offline, feature cache under cwd)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MERGEVQ_CACHE=str(cwd / "mergevq_cache"),
+               MERGEVQ_RUN_DIR=str(run_dir or cwd / "hydra_run"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def train(run_dir: Path, codes: Path, *overrides: str) -> Path:
+    """One in-process stage-II run through the entry's task, set up as Hydra's run_job does."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train_ar", overrides=[*BASE, f"codes='{codes}'", *overrides, f"run_dir='{run_dir}'"],
+                      return_hydra_config=True)
+    task_cfg = copy.deepcopy(cfg)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    HydraConfig.instance().set_config(cfg)
+    try:
+        train_ar_task(task_cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    return run_dir
+
+
+def sample_config(*overrides: str) -> dict:
+    """The resolved ``sample`` config as the entry's task sees it (run dir pinned, no Hydra run)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[*overrides, "run_dir=unused"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def train_rows(run_dir: Path) -> dict[int, dict[str, float]]:
+    """metrics.csv as step -> values (a resumed run re-logs a step: the last row wins)."""
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {int(r["step"]): {k: float(v) for k, v in r.items() if k != "step" and v != ""} for r in rows}
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optim.pt", map_location="cpu", weights_only=True)["optimizers"]
+
+
+def adjacent_groups(codes: np.ndarray, width: int) -> int:
+    """Number of groups the 'adjacent' duplicate rule forms in one raster code sequence [L]:
+    a token joins its upper or left neighbour's group when it repeats that neighbour's code."""
+    groups: list[int] = []
+    for pos, code in enumerate(codes.tolist()):
+        group = pos
+        r, c = divmod(pos, width)
+        for m in ([pos - width] if r else []) + ([pos - 1] if c else []):  # left checked last, wins
+            if codes[m] == code:
+                group = groups[m]
+        groups.append(group)
+    return len(set(groups))
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on a 2-core machine shared with other work make token-by-token decoding crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stage2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(work) -> Path:
+    """A tokenizer run with distinct raw and EMA weights (no training)."""
+    root = work / "tok_run"
+    config = {"tokenizer": load_group("tokenizer", "tiny"), "variant": load_group("variant", "gr"),
+              "quantizer": {"bits": 18}, "data": DATA, "train": {}, "seed": 0}
+    save_checkpoint(root / "checkpoints", step=1, models={"tokenizer": tiny_tokenizer(1), "tokenizer_ema": tiny_tokenizer(0)},
+                    optimizers={}, extra={"step": 1}, metadata={"config": yaml.safe_dump(config)})
+    return root
+
+
+@pytest.fixture(scope="module")
+def codes(work, tokenizer_run) -> Path:
+    """A 32-item code cache with K drawn from [16, 64], through the real tokenize entry."""
+    out = work / "codes"
+    proc = run_module("mergevq.tokenize", work, f"ckpt={tokenizer_run}", f"out={out}", "keep_range=[16,64]",
+                      "num_images=32", "batch_size=16", run_dir=work / "tokenize_run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cache = CodeCache(out)
+    assert len(cache) == 32 and cache.meta["grid"] == [8, 8] and cache.meta["keep"]["choices"] == KEEP_CHOICES
+    return out
+
+
+@pytest.fixture(scope="module")
+def mergear_run(work, codes) -> Path:
+    return train(work / "mergear", codes, "generator=mergear")
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_mergear_training(mergear_run, codes):
+    assert checkpoint_steps(mergear_run) == [4]
+    checkpoint = step_dir(mergear_run, 4)
+    assert (checkpoint / "gpt.safetensors").is_file() and not (checkpoint / "gpt_ema.safetensors").exists()
+    rows = train_rows(mergear_run)
+    assert sorted(rows) == [1, 2, 3, 4]
+    losses = [rows[s]["train/loss"] for s in range(1, 5)]
+    assert all(math.isfinite(v) for v in losses)
+    assert abs(losses[0] - math.log(2**18)) < 0.1  # near-uniform over the 2^18 codes (64 x 4096 heads)
+    assert losses[-1] < losses[0]
+
+    model, mergear, config, meta, loaded = load_trained_generator(mergear_run)
+    assert loaded == checkpoint and config["generator"]["kind"] == "mergear"
+    assert model.args.prefix_tokens == 2 and model.args.num_keep_options == len(KEEP_CHOICES)
+    assert mergear is not None and list(mergear.keep_options) == CodeCache(codes).meta["keep"]["choices"]
+    assert mergear.window == 16 and mergear.duplicate_rule == "adjacent"
+    assert model.args.grid == (8, 8) and model.args.seq_len == 64
+    weights = load_file(checkpoint / "gpt.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
+    assert "keep_embedding.weight" in weights
+
+
+def test_raster_training(work, codes):
+    run = train(work / "raster", codes, "generator=raster")
+    assert checkpoint_steps(run) == [4] and (step_dir(run, 4) / "gpt.safetensors").is_file()
+    rows = train_rows(run)
+    assert sorted(rows) == [1, 2, 3, 4] and all(math.isfinite(r["train/loss"]) for r in rows.values())
+    model, mergear, config, _, _ = load_trained_generator(run)
+    assert mergear is None and config["generator"]["kind"] == "raster"
+    assert model.args.prefix_tokens == 1 and model.args.num_keep_options == 0
+    assert "keep_embedding.weight" not in load_file(step_dir(run, 4) / "gpt.safetensors")
+
+
+def test_resume_is_bitwise_identical(work, codes):
+    """6 steps straight vs interrupted at 4 (last checkpoint at 3) and resumed: same weights and
+    optimizer state. The 6 steps cross an epoch boundary (4 steps per epoch)."""
+    common = ("generator=mergear", "train.max_steps=6", "train.ckpt_every=3")
+    straight = train(work / "straight", codes, *common)
+    assert checkpoint_steps(straight) == [3, 6]
+
+    resumed = work / "resumed"
+    train(resumed, codes, *common, "train.interrupt_at=4")
+    assert checkpoint_steps(resumed) == [3] and max(train_rows(resumed)) == 4
+    train(resumed, codes, *common)
+    assert checkpoint_steps(resumed) == [3, 6]
+
+    a, b = load_file(step_dir(straight, 6) / "gpt.safetensors"), load_file(step_dir(resumed, 6) / "gpt.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+    opt_a, opt_b = optimizer_state(step_dir(straight, 6)), optimizer_state(step_dir(resumed, 6))
+    state_a, state_b = opt_a["optimizer"]["state"], opt_b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    assert {float(s["step"]) for s in state_a.values()} == {float(s["step"]) for s in state_b.values()} == {6.0}
+    for index in state_a:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state_a[index][key], state_b[index][key]), (index, key)
+    assert opt_a["scheduler"]["last_epoch"] == opt_b["scheduler"]["last_epoch"] == 6
+
+    rows_a, rows_b = train_rows(straight), train_rows(resumed)
+    for step in range(1, 7):
+        assert rows_a[step]["train/loss"] == rows_b[step]["train/loss"], step
+        assert rows_a[step]["train/lr"] == rows_b[step]["train/lr"], step
+
+
+def test_lr_schedule_counts_optimizer_steps(work, codes):
+    """grad_accum=2 (8 micro-batches for 4 optimizer steps): the schedule ends at min_ratio * peak at
+    optimizer step max_steps, not half-way (the official horizon counted micro-batches)."""
+    peak = 3.0e-4
+    run = train(work / "accum", codes, "generator=raster", "train.grad_accum=2", f"train.lr={peak}",
+                "train.lr_schedule.kind=var", "train.lr_schedule.min_ratio=0.1",
+                "train.lr_schedule.warmup_start=0.005")
+    rows = train_rows(run)
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert abs(rows[4]["train/lr"] - 0.1 * peak) < 1e-9
+    schedule = lr_lambda("var", total_steps=4, warmup_steps=1, min_ratio=0.1, warmup_start=0.005)
+    for step, row in rows.items():  # logged after the step: the LR of the next optimizer step
+        assert abs(row["train/lr"] - peak * schedule(step)) < 1e-12, step
+    assert rows[2]["train/lr"] > rows[3]["train/lr"] > rows[4]["train/lr"]
+    saved = optimizer_state(step_dir(run, 4))
+    assert {float(s["step"]) for s in saved["optimizer"]["state"].values()} == {4.0}
+    assert saved["scheduler"]["last_epoch"] == 4
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def test_sample_entry_and_gfid_card(work, mergear_run, codes):
+    out = work / "sample_run"
+    args = (f"ckpt={mergear_run}", "per_class=2", "classes=[0,1]", "evaluate.enabled=true",
+            "evaluate.features=random", "evaluate.num_reference=16")
+    proc = run_module("mergevq.sample", work, *args, run_dir=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    with Image.open(out / "samples.png") as grid:
+        assert grid.format == "PNG" and grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 x 2 of 32 px, padding 2
+    npz = np.load(out / "samples.npz")
+    images, labels = npz["arr_0"], npz["labels"]
+    assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
+    assert labels.tolist() == [0, 0, 1, 1] and npz["codes"].shape == (4, 64)
+
+    sampling = json.loads((out / "sampling.json").read_text())
+    for key in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "keep", "window", "duplicate_rule",
+                "cfg_interval", "per_class", "batch_size", "weights"):
+        assert key in sampling, key
+    assert sampling["cfg_scale"] == [1.5, 1.5] and sampling["temperature"] == [1.0, 1.0]
+    assert sampling["top_k"] == 0 and sampling["top_p"] == 1.0 and sampling["seed"] == 0
+    assert sampling["keep"] == max(KEEP_CHOICES) and sampling["window"] == 16
+    assert sampling["duplicate_rule"] == "adjacent" and sampling["generator"]["kind"] == "mergear"
+    assert sampling["tokens_per_s"] > 0 and sampling["prefix_tokens"] == 2 and sampling["sequence_length"] == 64
+    assert Path(sampling["checkpoint"]) == step_dir(mergear_run, 4)
+    most_groups = max(adjacent_groups(row, 8) for row in npz["codes"])
+    assert 0 < sampling["peak_kv_cache_entries"] <= most_groups + sampling["window"] + 2 + 1
+
+    card = json.loads((out / "eval_card.json").read_text())
+    assert card["kind"] == "generator" and math.isfinite(card["metrics"]["gfid"])
+    assert card["metrics"]["num_samples"] == 4 and card["reference"]["num_images"] == 16
+    assert card["feature_extractor"]["trained"] is False
+    assert any("UNTRAINED" in w for w in card["warnings"])
+    assert card["sampling"]["seed"] == 0 and card["sampling_stats"]["peak_kv_cache_entries"] == sampling["peak_kv_cache_entries"]
+
+    # The same seed in another process draws the same samples; another seed does not.
+    config = sample_config(*args[:3])
+    again = sample_images(config, torch.device("cpu"))
+    assert np.array_equal(again["images"], images) and np.array_equal(again["codes"], npz["codes"])
+    other = sample_images({**config, "seed": 1}, torch.device("cpu"))
+    assert not np.array_equal(other["codes"], npz["codes"])
+
+
+def test_mergear_eviction_bound(mergear_run):
+    """Greedy decoding of the untrained model repeats codes, so groups merge and the cache stays at
+    most P + K + w (+1 for the query's own entry), far below the raster's P + L."""
+    config = sample_config(f"ckpt={mergear_run}", "per_class=2", "classes=[0,1]", "cfg_scale=1.0",
+                           "temperature=1.0", "top_k=1", "keep=16", "window=2")
+    result = sample_images(config, torch.device("cpu"))
+    assert result["settings"]["keep"] == 16 and result["settings"]["window"] == 2
+    most_groups = max(adjacent_groups(row, 8) for row in result["codes"])
+    peak = result["stats"]["peak_kv_cache_entries"]
+    assert most_groups < 64 and peak <= most_groups + 2 + 2 + 1 < 2 + 64
+
+
+# ------------------------------------------------------------------------------------------ benchmark, errors
+
+
+def test_kv_cache_benchmark(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rows = ar_cache.main(["--grids", "8", "--keeps", "16,36", "--window", "4", "--batch", "1", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert "machine" in report and report["results"] == json.loads(json.dumps(rows))
+    assert [(r["L"], r["K"]) for r in report["results"]] == [(64, 16), (64, 36)]
+    for r in report["results"]:
+        assert r["raster_kv_entries"] == 1 + 64
+        assert r["mergear_peak_kv_entries"] <= r["K"] + r["window"] + 2 + 1
+        assert r["mergear_peak_kv_entries"] < r["raster_kv_entries"]
+        assert 0 < r["mergear_kv_bytes"] < r["raster_kv_bytes"]
+        assert r["raster_tokens_per_s"] > 0 and r["mergear_tokens_per_s"] > 0
+
+
+def test_missing_code_cache_is_one_line_error(tmp_path):
+    proc = run_module("mergevq.train_ar", tmp_path, "codes=/nonexistent")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "codes" in errors[0] and "/nonexistent" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
