@@ -30,7 +30,11 @@ def precheck_overrides(config_name: str, overrides: list[str]) -> None:
         text = str(error)
         first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         if "Could not find" in text and "Available options" in text:
-            options = [line.strip() for line in text.split("Available options", 1)[1].splitlines()[1:] if line.strip()]
+            options = []
+            for line in text.split("Available options", 1)[1].splitlines()[1:]:
+                if not line.startswith(("\t", " ")):
+                    break  # the indented option names end where "Config search path:" begins
+                options.append(line.strip())
             _fail(f"{first.split(':', 1)[-1].strip()}; available: {', '.join(options)}")
         if "not in struct" in text or "Could not override" in text:
             key = first.split("'")[1] if "'" in first else first

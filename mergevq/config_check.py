@@ -34,6 +34,12 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
                     merge_schedule(spec["num_positions"], keep, tokenizer["depth"])
         except ValueError as error:
             raise ConfigError(f"variant.keep / train.keep_candidates / train.val_keeps: {error}") from None
+    else:  # magvit2: no merging (K is always None) and no alignment head
+        for key in ("keep_candidates", "val_keeps"):
+            if train.get(key):
+                raise ConfigError(f"train.{key}={train[key]}: tokenizer.kind={tokenizer['kind']} does not merge tokens: set it to null")
+        if cfg.get("teacher", {}).get("kind", "none") != "none":
+            raise ConfigError(f"teacher.kind={cfg['teacher']['kind']}: tokenizer.kind={tokenizer['kind']} has no alignment head: use teacher.kind=none")
     accum = train["grad_accum"]
     if train["global_batch_size"] % (world_size * accum):
         raise ConfigError(
