@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench-ar train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench-ar report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 
@@ -61,6 +61,19 @@ sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_c
 
 bench-ar: $(STAMP) ## benchmark: raster vs MergeAR sampling tokens/s and KV-cache bytes (JSON in outputs/bench)
 	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
+
+report: $(STAMP) ## aggregate eval cards into report.md/csv/plots: make report DIR=multirun/merge_ratio
+	$(PY) -m mergevq.report $(DIR) $(ARGS)
+
+eval-sweep: $(STAMP) ## evaluate every job of a sweep, then report: make eval-sweep DIR=multirun/x ARGS="keeps=[36,64]"
+	MERGEVQ_SWEEP_DIR=$(DIR)/eval $(PY) -m mergevq.evaluate -m ckpt=$$(ls -d $(DIR)/[0-9]* | paste -sd, -) $(ARGS)
+	$(PY) -m mergevq.report $(DIR)
+
+train-multinode: $(STAMP) ## one node of a multi-node run: make train-multinode LAUNCH="--nnodes 2 --node-rank 0 --master-addr h --nproc-per-node 8" ARGS="experiment=..."
+	ACCELERATE=$(VENV)/bin/accelerate launch/multinode.sh $(LAUNCH) train_tokenizer $(ARGS)
+
+sweep-slurm: $(STAMP) ## Hydra sweep on SLURM (submitit, requeue + resume): make sweep-slurm SWEEP=merge_ratio ARGS="experiment=... backend=gpu"
+	$(PY) -m mergevq.train_tokenizer -m hydra/launcher=slurm sweep=$(SWEEP) $(ARGS)
 
 train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 data.root=..."
 	$(PY) -m mergevq.train_tokenizer $(ARGS)
