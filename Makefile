@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench-ar report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 
@@ -61,6 +61,12 @@ sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_c
 
 bench-ar: $(STAMP) ## benchmark: raster vs MergeAR sampling tokens/s and KV-cache bytes (JSON in outputs/bench)
 	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
+
+reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo INPUT=img_or_dir KEEP=[16,36,64]
+	$(PY) -m mergevq.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)
+
+export-hub: $(STAMP) ## a training run as a hub folder (safetensors, config.json, model card): make export-hub CKPT=outputs/demo OUT=hub/demo
+	$(PY) -c "from mergevq.interop import export_run; print(export_run('$(CKPT)', '$(OUT)'))"
 
 report: $(STAMP) ## aggregate eval cards into report.md/csv/plots: make report DIR=multirun/merge_ratio
 	$(PY) -m mergevq.report $(DIR) $(ARGS)
