@@ -19,6 +19,16 @@ def _require_path(key: str, value: Any, what: str) -> None:
         raise ConfigError(f"{key}={value} does not exist: set {key}=<path to {what}>")
 
 
+def check_backend(backend: Mapping[str, Any]) -> None:
+    """The backend's device is usable here (backend=npu: torch-npu importable; cuda: a visible GPU)."""
+    from .engine.runner import check_device
+
+    try:
+        check_device(backend)
+    except (RuntimeError, ValueError) as error:
+        raise ConfigError(" ".join(str(error).split())) from None
+
+
 def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
     """Stage-I config: reachable keeps, batch layout, data and weight paths, group values."""
     from .data.datasets import DATASETS
@@ -40,6 +50,16 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
                 raise ConfigError(f"train.{key}={train[key]}: tokenizer.kind={tokenizer['kind']} does not merge tokens: set it to null")
         if cfg.get("teacher", {}).get("kind", "none") != "none":
             raise ConfigError(f"teacher.kind={cfg['teacher']['kind']}: tokenizer.kind={tokenizer['kind']} has no alignment head: use teacher.kind=none")
+    from .models.factory import quantizer_bits
+
+    try:
+        quantizer_bits(cfg.get("quantizer"), tokenizer["z_channels"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    check_backend(cfg["backend"])
+    bad_steps = train.get("max_bad_steps", 5)
+    if isinstance(bad_steps, bool) or not isinstance(bad_steps, int) or bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps={bad_steps}: use an int >= 1 (non-finite steps in a row before stopping)")
     accum = train["grad_accum"]
     if train["global_batch_size"] % (world_size * accum):
         raise ConfigError(

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT, load_group
+from conftest import ROOT, write_tokenizer_run
 from safetensors.torch import load_file
 
 from mergevq.data import build_dataset
 from mergevq.data.code_cache import CodeCache, CodeCacheWriter, is_canonical, merge_rank_indexes
-from mergevq.engine.checkpoint import save_checkpoint
 from mergevq.engine.restore import load_trained_tokenizer
 from mergevq.eval.card import sha256_file
-from mergevq.models.factory import build_tokenizer
 from mergevq.tokenize import check_out_dir
 
 DATA = {
@@ -28,20 +25,10 @@ DATA = {
 }
 
 
-def tiny_tokenizer(seed: int):
-    torch.manual_seed(seed)
-    return build_tokenizer(load_group("tokenizer", "tiny"), load_group("variant", "gr"), {"bits": 18}).eval()
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tokenizer run with distinct raw and EMA weights (no training)."""
-    root = tmp_path_factory.mktemp("tok_run")
-    config = {"tokenizer": load_group("tokenizer", "tiny"), "variant": load_group("variant", "gr"),
-              "quantizer": {"bits": 18}, "data": DATA, "train": {}, "seed": 0}
-    save_checkpoint(root / "checkpoints", step=1, models={"tokenizer": tiny_tokenizer(1), "tokenizer_ema": tiny_tokenizer(0)},
-                    optimizers={}, extra={"step": 1}, metadata={"config": yaml.safe_dump(config)})
-    return root
+    return write_tokenizer_run(tmp_path_factory.mktemp("tok_run"), DATA)
 
 
 def fake_batch(batch: int, keep: int, positions: int = 16, seed: int = 0):

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import ROOT, load_group
+from conftest import ROOT, TINY_PHOTOS, write_tokenizer_run
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict, read_write
@@ -32,20 +31,14 @@ from safetensors.torch import load_file
 from mergevq.benchmarks import ar_cache
 from mergevq.cli import CONF_DIR
 from mergevq.data.code_cache import CodeCache
-from mergevq.engine.checkpoint import save_checkpoint
 from mergevq.engine.restore import load_trained_generator
 from mergevq.engine.schedules import lr_lambda
-from mergevq.models.factory import build_tokenizer
 from mergevq.sampling import sample_images
 from mergevq.train_ar import task as train_ar_task
 
 NUM_CLASSES = 11  # photos labels are indices into PHOTO_NAMES (11 names)
 KEEP_CHOICES = [16, 25, 36, 49, 64]  # reachable perfect squares in [16, 64] from the 8 x 8 grid
-DATA = {
-    "name": "photos", "root": None, "cache_dir": None, "size": 32, "align_size": 28,
-    "train_kwargs": {"num_samples": 32, "crop_size": 64, "seed": 0},
-    "val_kwargs": {"num_samples": 16, "crop_size": 64, "seed": 1},
-}
+DATA = TINY_PHOTOS
 # Shared by every training run: 32 cached items, global batch 8 -> 4 optimizer steps per epoch.
 BASE = (
     "backend=cpu",
@@ -60,11 +53,6 @@ BASE = (
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def tiny_tokenizer(seed: int):
-    torch.manual_seed(seed)
-    return build_tokenizer(load_group("tokenizer", "tiny"), load_group("variant", "gr"), {"bits": 18}).eval()
 
 
 def run_module(module: str, cwd: Path, *args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess:
@@ -154,12 +142,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer_run(work) -> Path:
     """A tokenizer run with distinct raw and EMA weights (no training)."""
-    root = work / "tok_run"
-    config = {"tokenizer": load_group("tokenizer", "tiny"), "variant": load_group("variant", "gr"),
-              "quantizer": {"bits": 18}, "data": DATA, "train": {}, "seed": 0}
-    save_checkpoint(root / "checkpoints", step=1, models={"tokenizer": tiny_tokenizer(1), "tokenizer_ema": tiny_tokenizer(0)},
-                    optimizers={}, extra={"step": 1}, metadata={"config": yaml.safe_dump(config)})
-    return root
+    return write_tokenizer_run(work / "tok_run", DATA)
 
 
 @pytest.fixture(scope="module")

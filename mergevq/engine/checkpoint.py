@@ -223,13 +223,15 @@ def finalize_checkpoint(
     metadata: Mapping[str, str],
     world_size: int = 1,
     keep_last: int | None = 3,
+    on_written: Callable[[], None] | None = None,
 ) -> Path:
     """Rank 0: write models/optimizers/state into ``tmp``, rename it to its final name, prune.
 
     Requires ``rng_rank{r}.pt`` for every r < world_size to be in ``tmp`` already (callers barrier
     after :func:`write_rank_rng`). ``metadata`` values must be str. ``keep_last``: keep this many
     complete checkpoints (highest steps), always including this one; None keeps all.
-    Returns the final directory.
+    ``on_written``: called once the model files are in ``tmp`` and before the optimizer file,
+    ``state.json`` and the rename (a fault-injection point for tests). Returns the final directory.
     """
     tmp = Path(tmp)
     missing = [r for r in range(world_size) if not _rng_file(tmp, r).is_file()]
@@ -249,6 +251,8 @@ def finalize_checkpoint(
         file = tmp / f"{name}.safetensors"
         save_file(_tensors_for_safetensors(name, _state_of(model)), str(file), metadata=meta)
         _fsync_file(file)
+    if on_written is not None:
+        on_written()
     optim_file = tmp / OPTIM_FILE
     torch.save({"optimizers": {name: _state_of(opt) for name, opt in optimizers.items()}}, optim_file)
     _fsync_file(optim_file)
@@ -294,6 +298,7 @@ def save_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    on_written: Callable[[], None] | None = None,
 ) -> Path:
     """Save one checkpoint to ``directory/step_{step:08d}`` and return that path (on every rank).
 
@@ -307,6 +312,7 @@ def save_checkpoint(
     rank, world_size, barrier: with world_size > 1 every rank calls this with the same ``step``;
         ranks != 0 only write their RNG file (their models/optimizers are ignored), ``barrier`` (e.g.
         ``accelerator.wait_for_everyone``) is required and is called twice (see module docstring).
+    on_written: passed to :func:`finalize_checkpoint` (rank 0).
     """
     if world_size > 1 and barrier is None:
         raise ValueError("save_checkpoint with world_size > 1 needs a barrier callable")
@@ -316,7 +322,7 @@ def save_checkpoint(
         barrier()
     final = Path(directory) / step_dir_name(step)
     if rank == 0:
-        final = finalize_checkpoint(tmp, step, models, optimizers, extra, metadata, world_size, keep_last)
+        final = finalize_checkpoint(tmp, step, models, optimizers, extra, metadata, world_size, keep_last, on_written)
     if barrier is not None:
         barrier()
     return final
@@ -398,7 +404,8 @@ def read_state(path: Path) -> dict[str, Any]:
     state = json.loads((Path(path) / STATE_FILE).read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: checkpoint format {state.get('format_version')}, expected {FORMAT_VERSION}"
+            f"{path}: checkpoint format_version {state.get('format_version')} was written by another version "
+            f"of mergevq; this version reads format_version {FORMAT_VERSION}"
         )
     return state
 

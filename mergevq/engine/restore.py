@@ -9,8 +9,12 @@ import yaml
 from torch import nn
 
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state
+from .session import check_format
 
 WEIGHT_NAMES = {"ema": "tokenizer_ema", "raw": "tokenizer"}
+# The ``_target_``s a stored config may name. Our builders read plain values and instantiate nothing,
+# so none is allowed: a checkpoint's config cannot make a loader import and call arbitrary code.
+ALLOWED_TARGETS: tuple[str, ...] = ()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -25,12 +29,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoint under {path}: give a run directory or a checkpoints/step_* directory")
 
 
+def _targets(tree: Any, key: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every ``_target_`` in a nested config."""
+    if isinstance(tree, dict):
+        found = [(f"{key}._target_".lstrip("."), tree["_target_"])] if "_target_" in tree else []
+        return found + [t for k, v in tree.items() for t in _targets(v, f"{key}.{k}")]
+    if isinstance(tree, list):
+        return [t for i, v in enumerate(tree) for t in _targets(v, f"{key}[{i}]")]
+    return []
+
+
 def stored_config(checkpoint: Path) -> dict[str, Any]:
-    """The resolved run config saved in the checkpoint (plain YAML; nothing is instantiated from it)."""
-    metadata = read_state(checkpoint).get("metadata", {})
+    """The resolved run config saved in the checkpoint: plain YAML (safe_load), from this version's
+    run format, with no ``_target_`` outside ALLOWED_TARGETS; nothing is instantiated from it."""
+    state = read_state(checkpoint)
+    check_format(state, checkpoint)
+    metadata = state.get("metadata", {})
     if "config" not in metadata:
         raise ValueError(f"{checkpoint} has no stored config (not a mergevq training checkpoint?)")
-    return yaml.safe_load(metadata["config"])
+    config = yaml.safe_load(metadata["config"])
+    refused = [f"{key}={value}" for key, value in _targets(config) if value not in ALLOWED_TARGETS]
+    if refused:
+        raise ValueError(f"{checkpoint}: the stored config names _target_s outside the allow-list "
+                         f"{list(ALLOWED_TARGETS)}: {', '.join(refused)}; refusing to build from it")
+    return config
 
 
 def load_trained_tokenizer(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict[str, Any], Path]:

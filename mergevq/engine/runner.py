@@ -1,18 +1,24 @@
 """What every training job shares: the Accelerator from the ``backend`` config, seeding, the data
-loader with resumable, seeded sampling, and the keep-K draw.
+loader with resumable, seeded sampling, the keep-K draw, the non-finite step guard and the
+fault-injection test hook.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import signal
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
 
 
 def import_npu() -> None:
@@ -159,3 +165,103 @@ class KeepSampler:
 def world_info() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment, before any process group exists."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---------------------------------------------------------------------------- non-finite steps
+
+
+class StepGuard:
+    """Skips optimizer steps whose loss or gradients are not finite; stops the run after
+    ``max_bad_steps`` of them in a row.
+
+    Per step: ``begin(*modules)`` snapshots the buffers a forward pass changes (BatchNorm statistics,
+    LeCam anchors); ``watch(loss)`` records each loss before its backward (the backward still runs,
+    so every rank joins DDP's gradient all-reduce); ``finite(parameters)``, after the last backward,
+    takes one all-reduce of (non-finite losses, gradient norm), so every rank decides alike.
+    On a bad step it restores the buffers, counts the skip and returns False: the caller then zeroes
+    the gradients and leaves optimizers, schedules and EMA alone. The optimizer-step counter does not
+    advance on a skip but the data moves on: a trainer's data position is ``step + skipped``, and
+    ``skipped`` is checkpointed, so resume stays exact. With a GradScaler (fp16) gradients are not
+    checked here: the scaler already skips steps with inf/NaN gradients and lowers its scale.
+    """
+
+    def __init__(self, accelerator, max_bad_steps: int):
+        self.acc, self.max_bad_steps = accelerator, int(max_bad_steps)
+        self.skipped = 0   # steps skipped in the whole run
+        self.in_a_row = 0
+        self._losses: list[torch.Tensor] = []
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def begin(self, *modules: torch.nn.Module) -> None:
+        self._losses = []
+        self._buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        self._losses.append(loss.detach().float().reshape(()))
+        return loss
+
+    def finite(self, parameters: Iterable[torch.Tensor]) -> bool:
+        device = self.acc.device
+        losses = torch.stack(self._losses) if self._losses else torch.zeros(1, device=device)
+        grad_norm = torch.zeros((), device=device)
+        if getattr(self.acc, "scaler", None) is None:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            if grads:
+                grad_norm = torch.nn.utils.get_total_norm(grads).float().to(device)
+        bad_losses = (~torch.isfinite(losses)).sum().float().to(device)
+        # mean over ranks: > 0 if any rank saw a bad loss; DDP gradients are equal, NaN/inf propagate
+        bad, grad_norm = self.acc.reduce(torch.stack([bad_losses, grad_norm]), "mean").tolist()
+        if bad == 0 and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        with torch.no_grad():
+            for buffer, saved in self._buffers:
+                buffer.copy_(saved)
+        self.skipped += 1
+        self.in_a_row += 1
+        values = f"losses {[round(v, 6) for v in losses.tolist()]}, gradient norm {grad_norm:.6g}"
+        if self.in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
+                f"{self.max_bad_steps}); last: {values}: lower train.lr, set train.grad_clip or check the data"
+            )
+        log.warning("skipped a step with a non-finite loss or gradient (%s); %d skipped so far, %d in a row",
+                    values, self.skipped, self.in_a_row)
+        return False
+
+
+# ------------------------------------------------------------------- test hook: fault injection
+
+FAULT_ENV = "MERGEVQ_FAULT"
+FAULT_POINTS = ("step", "checkpoint_write", "validation", "nan_loss")
+
+
+def fault_armed(point: str, step: int, rank: int = 0) -> bool:
+    """Test hook: whether ``MERGEVQ_FAULT`` arms ``point`` at ``step`` on ``rank`` (False when unset).
+
+    MERGEVQ_FAULT holds ';'-separated entries ``point:steps[:rank<r>]``, steps ','-separated, e.g.
+    ``checkpoint_write:3``, ``nan_loss:2,3`` or ``step:2:rank1`` (no rank: every rank). Points:
+    ``step`` (inside a training step, after backward, before the optimizer step), ``nan_loss`` (the
+    loss becomes NaN), numbered by the 1-based batch count (= the optimizer step until a step is
+    skipped); ``checkpoint_write`` (rank 0, the tmp checkpoint dir half written, before the rename)
+    and ``validation`` (inside validation), numbered by the optimizer step they belong to.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return False
+    for entry in filter(None, (e.strip() for e in spec.split(";"))):
+        name, _, rest = entry.partition(":")
+        steps, _, where = rest.partition(":")
+        if name not in FAULT_POINTS:
+            raise ValueError(f"{FAULT_ENV}={spec}: unknown fault point {name!r}; use {', '.join(FAULT_POINTS)}")
+        if name == point and str(step) in steps.split(",") and where in ("", f"rank{rank}"):
+            return True
+    return False
+
+
+def fault_point(point: str, step: int, rank: int = 0) -> None:
+    """Test hook: SIGKILL this process here when ``MERGEVQ_FAULT`` arms ``point`` (a kill -9 in the
+    middle of training); a no-op otherwise."""
+    if fault_armed(point, step, rank):
+        log.warning("%s: killing process %d at %s, step %d", FAULT_ENV, os.getpid(), point, step)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,14 +33,16 @@ from ..losses import (
 )
 from ..models.discriminator import PatchGANDiscriminator
 from ..models.factory import build_tokenizer, layout
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from .ema import EMA
 from .loggers import build_logger
 from .runner import (
     KeepSampler,
     SeededItems,
+    StepGuard,
     batches_per_epoch,
     build_accelerator,
+    fault_armed,
+    fault_point,
     seed_everything,
     step_batches,
 )
@@ -121,6 +122,14 @@ class Stage1Criterion(nn.Module):
         lecam = self.lecam.penalty(real, fake)
         total = hinge + self.cfg["lecam_weight"] * lecam
         return total, {"d_hinge": float(hinge.detach()), "d_lecam": float(lecam.detach()), "d_real": float(means[0]), "d_fake": float(means[1])}
+
+
+def collapse_check(codes: torch.Tensor, batch_entropy: float, alarm: Mapping[str, Any]) -> dict[str, float]:
+    """Code usage (distinct codes / codes in the step's batch) and the quantizer's batch entropy
+    (nats) against ``train.collapse_alarm``'s thresholds -> {code_usage, collapse_alarm (1: fired)}."""
+    usage = codes.unique().numel() / max(codes.numel(), 1)
+    fired = usage < alarm["min_usage"] or batch_entropy < alarm["min_batch_entropy"]
+    return {"code_usage": usage, "collapse_alarm": float(fired)}
 
 
 def build_teacher(teacher: Mapping[str, Any], align_dim: int, align_size: int):
@@ -205,6 +214,7 @@ class Stage1Trainer:
         self.steps_per_epoch = batches_per_epoch(len(self.train_items), self.micro_batch, world) // train["grad_accum"]
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(self.train_items)} images) is smaller than one global batch")
+        self.guard = StepGuard(acc, train.get("max_bad_steps", 5))
         self.step, self.logger = 0, None
 
     # ------------------------------------------------------------------ state
@@ -222,37 +232,41 @@ class Stage1Trainer:
         return {"opt_g": self.opt_g.optimizer, "opt_d": self.opt_d.optimizer, "sched_g": self.sched_g, "sched_d": self.sched_d}
 
     def save(self) -> None:
-        self.session.save_checkpoint(self.step, self.modules_to_save(), self.optimizers_to_save(), {"step": self.step})
+        self.session.save_checkpoint(self.step, self.modules_to_save(), self.optimizers_to_save(),
+                                     {"step": self.step, "skipped_steps": self.guard.skipped})
 
     def maybe_resume(self) -> None:
-        resume = self.cfg.get("resume", "auto")
-        if resume == "never":
-            return
-        path = latest_checkpoint(self.session.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
         modules = self.modules_to_save()
-        ema_state = modules.pop("tokenizer_ema", None)
-        if ema_state is not None:
+        if modules.pop("tokenizer_ema", None) is not None:
             modules["tokenizer_ema"] = self.ema
-        state = load_checkpoint(path, modules, self.optimizers_to_save(), rank=self.acc.process_index)
-        if state["rng"] is not None:
-            restore_rng(state["rng"])
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", path, self.step)
+        state = self.session.resume(self.cfg.get("resume", "auto"), modules, self.optimizers_to_save())
+        if state is not None:
+            self.step = int(state["step"])
+            self.guard.skipped = int(state["extra"].get("skipped_steps", 0))
+
+    @property
+    def batches_done(self) -> int:
+        """Batches drawn so far: optimizer steps plus skipped (non-finite) steps; the data position."""
+        return self.step + self.guard.skipped
 
     # ------------------------------------------------------------------ training
     def _micro_batches(self):
         """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
         return step_batches(self.train_items, self.micro_batch, self.cfg["train"]["grad_accum"], self.acc.process_index,
-                            self.acc.num_processes, self.steps_per_epoch, lambda: self.step,
+                            self.acc.num_processes, self.steps_per_epoch, lambda: self.batches_done,
                             self.cfg["train"]["num_workers"])
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
+        """One optimizer step -> its logs, or None when it was skipped (non-finite loss or gradient)."""
         acc, train = self.acc, self.cfg["train"]
         keep = self.keep_sampler(self.step)
         gan_on = self.use_gan and self.step >= self.cfg["loss"]["disc_start"]
         d_raw = acc.unwrap_model(self.disc)
+        batch_number, rank = self.batches_done + 1, acc.process_index
+        alarm = train.get("collapse_alarm") or {}
+        watch_codes = bool(alarm.get("every")) and (self.step + 1) % alarm["every"] == 0
+        codes: list[torch.Tensor] = []
+        self.guard.begin(d_raw, self.criterion.lecam)
         logs: dict[str, float] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
@@ -266,15 +280,25 @@ class Stage1Trainer:
                         view = batch["image_aug_s"].to(acc.device)
                     xrec, aux = self.model(x, keep, view, self.num_positions)
                     loss_g, g_logs = self.criterion.generator(x, xrec, aux, d_raw if gan_on else None, teacher_logits)
-                acc.backward(loss_g / len(micro_batches))
+                if fault_armed("nan_loss", batch_number, rank):
+                    loss_g = loss_g + float("nan")
+                acc.backward(self.guard.watch(loss_g) / len(micro_batches))
+            if watch_codes:
+                codes.append(aux["codes"].detach().flatten())
             if gan_on:
                 with acc.no_sync(self.disc) if not last else contextlib.nullcontext():
                     with acc.autocast():
                         loss_d, d_logs = self.criterion.discriminator(self.disc, x, xrec, reduce=lambda t: acc.reduce(t, "mean"))
-                    acc.backward(loss_d / len(micro_batches))
+                    acc.backward(self.guard.watch(loss_d) / len(micro_batches))
                 g_logs.update(d_logs)
             for key, value in g_logs.items():
                 logs[key] = logs.get(key, 0.0) + value / len(micro_batches)
+        fault_point("step", batch_number, rank)
+        parameters = [*self.model.parameters(), *(self.disc.parameters() if gan_on else ())]
+        if not self.guard.finite(parameters):
+            self.opt_g.zero_grad(set_to_none=True)
+            self.opt_d.zero_grad(set_to_none=True)
+            return None
         if train.get("grad_clip"):
             logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
             if gan_on:
@@ -287,7 +311,13 @@ class Stage1Trainer:
         self.sched_d.step()
         if self.ema is not None:
             self.ema.update(self.tokenizer)
-        logs.update(keep=keep or 0, lr=self.sched_g.get_last_lr()[0])
+        logs.update(keep=keep or 0, lr=self.sched_g.get_last_lr()[0], skipped_steps=self.guard.skipped)
+        if codes:
+            logs.update(collapse_check(torch.cat(codes), logs["batch_entropy"], alarm))
+            if logs["collapse_alarm"] and acc.is_main_process:
+                log.warning("codebook collapse alarm at step %d: code usage %.4f (train.collapse_alarm.min_usage=%g), "
+                            "batch entropy %.4f nats (train.collapse_alarm.min_batch_entropy=%g)", self.step + 1,
+                            logs["code_usage"], alarm["min_usage"], logs["batch_entropy"], alarm["min_batch_entropy"])
         return logs
 
     def fit(self) -> dict[str, float]:
@@ -308,12 +338,12 @@ class Stage1Trainer:
         stop_at = train.get("interrupt_at") or train["max_steps"]
         while self.step < min(train["max_steps"], stop_at):
             logs = self.train_step(next(batches))
-            self.step += 1
             images += train["global_batch_size"]
+            if logs is None:  # skipped: no update, the step counter stays, the data moves on
+                continue
+            self.step += 1
             last_logs = logs
-            if not all(math.isfinite(v) for v in logs.values()):
-                raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
-            if self.step % train["log_every"] == 0 or self.step == train["max_steps"]:
+            if self.step % train["log_every"] == 0 or self.step == train["max_steps"] or "collapse_alarm" in logs:
                 elapsed = time.perf_counter() - start
                 logs["images_per_s"] = images / max(elapsed, 1e-9)
                 self.logger.log({f"train/{k}": v for k, v in logs.items()}, self.step)
@@ -346,6 +376,7 @@ class Stage1Trainer:
                 tokenizer.eval()
                 rows = self._validation_rows(tokenizer)
             tokenizer.train(was_training)
+            fault_point("validation", self.step, acc.process_index)
             for row in rows:
                 k = int(row["keep"])
                 self.logger.log({f"val/k{k}/{key}": v for key, v in row.items() if key != "keep"}, self.step)

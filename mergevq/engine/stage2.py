@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +19,18 @@ from torch import nn
 from ..data.code_cache import CodeCache
 from ..models.gpt import GPT, gpt_args
 from ..models.mergear import MergeARConfig, keep_index, mergear_mask
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng
 from .ema import EMA
 from .loggers import build_logger
-from .runner import SeededItems, batches_per_epoch, build_accelerator, seed_everything, step_batches
+from .runner import (
+    SeededItems,
+    StepGuard,
+    batches_per_epoch,
+    build_accelerator,
+    fault_armed,
+    fault_point,
+    seed_everything,
+    step_batches,
+)
 from .schedules import build_scheduler
 from .session import RunSession
 
@@ -107,6 +113,7 @@ class Stage2Trainer:
         self.steps_per_epoch = batches_per_epoch(len(self.items), self.micro_batch, world) // train["grad_accum"]
         if self.steps_per_epoch == 0:
             raise ValueError(f"the code cache ({len(self.items)} items) is smaller than one global batch")
+        self.guard = StepGuard(acc, train.get("max_bad_steps", 5))
         self.step, self.logger = 0, None
 
     @property
@@ -125,20 +132,34 @@ class Stage2Trainer:
     def _batches(self):
         """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
         return step_batches(self.items, self.micro_batch, self.cfg["train"]["grad_accum"], self.acc.process_index,
-                            self.acc.num_processes, self.steps_per_epoch, lambda: self.step,
+                            self.acc.num_processes, self.steps_per_epoch, lambda: self.batches_done,
                             self.cfg["train"]["num_workers"])
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+    @property
+    def batches_done(self) -> int:
+        """Batches drawn so far: optimizer steps plus skipped (non-finite) steps; the data position."""
+        return self.step + self.guard.skipped
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
+        """One optimizer step -> its logs, or None when it was skipped (non-finite loss or gradient)."""
         acc, train = self.acc, self.cfg["train"]
+        batch_number, rank = self.batches_done + 1, acc.process_index
+        self.guard.begin()
         logs: dict[str, float] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with acc.no_sync(self.model) if not last else contextlib.nullcontext():
                 with acc.autocast():
                     losses = self.model(**self.batch_inputs(batch), label_smoothing=train.get("label_smoothing", 0.0))
-                acc.backward(losses["loss"] / len(micro_batches))
+                if fault_armed("nan_loss", batch_number, rank):
+                    losses["loss"] = losses["loss"] + float("nan")
+                acc.backward(self.guard.watch(losses["loss"]) / len(micro_batches))
             for key, value in losses.items():
                 logs[key] = logs.get(key, 0.0) + float(value.detach()) / len(micro_batches)
+        fault_point("step", batch_number, rank)
+        if not self.guard.finite(self.model.parameters()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if train.get("grad_clip"):
             logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
         self.optimizer.step()
@@ -146,7 +167,7 @@ class Stage2Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.gpt)
-        logs["lr"] = self.scheduler.get_last_lr()[0]
+        logs.update(lr=self.scheduler.get_last_lr()[0], skipped_steps=self.guard.skipped)
         return logs
 
     def save(self) -> None:
@@ -154,24 +175,17 @@ class Stage2Trainer:
         if self.ema is not None:
             models["gpt_ema"] = self.ema.state_dict()
         self.session.save_checkpoint(self.step, models, {"optimizer": self.optimizer.optimizer, "scheduler": self.scheduler},
-                                     {"step": self.step})
+                                     {"step": self.step, "skipped_steps": self.guard.skipped})
 
     def maybe_resume(self) -> None:
-        resume = self.cfg.get("resume", "auto")
-        if resume == "never":
-            return
-        path = latest_checkpoint(self.session.checkpoint_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
         models: dict[str, Any] = {"gpt": self.gpt}
         if self.ema is not None:
             models["gpt_ema"] = self.ema
-        state = load_checkpoint(path, models, {"optimizer": self.optimizer.optimizer, "scheduler": self.scheduler},
-                                rank=self.acc.process_index)
-        if state["rng"] is not None:
-            restore_rng(state["rng"])
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", path, self.step)
+        state = self.session.resume(self.cfg.get("resume", "auto"), models,
+                                    {"optimizer": self.optimizer.optimizer, "scheduler": self.scheduler})
+        if state is not None:
+            self.step = int(state["step"])
+            self.guard.skipped = int(state["extra"].get("skipped_steps", 0))
 
     def fit(self) -> dict[str, float]:
         cfg, train, acc = self.cfg, self.cfg["train"], self.acc
@@ -194,10 +208,10 @@ class Stage2Trainer:
         stop_at = min(train["max_steps"], train.get("interrupt_at") or train["max_steps"])
         while self.step < stop_at:
             logs = self.train_step(next(batches))
-            self.step += 1
             tokens += train["global_batch_size"] * self.gpt.args.seq_len
-            if not all(math.isfinite(v) for v in logs.values()):
-                raise FloatingPointError(f"non-finite loss at step {self.step}: {logs}")
+            if logs is None:  # skipped: no update, the step counter stays, the data moves on
+                continue
+            self.step += 1
             last = logs
             if self.step % train["log_every"] == 0 or self.step == train["max_steps"]:
                 logs["train_tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)

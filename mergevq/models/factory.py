@@ -12,7 +12,7 @@ from torch import nn
 
 from .decoder import MergeVQDecoder
 from .encoder import MergeVQEncoder, load_teacher_state, weight_selection_init
-from .lfq import LFQ
+from .lfq import LFQ, bits_for_codebook_size
 from .magvit2 import Magvit2Tokenizer
 from .merge import keep_candidates, merge_schedule
 from .recovery import SourceRecovery
@@ -70,11 +70,30 @@ def layout(tokenizer: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str
     }
 
 
+def quantizer_bits(quantizer: Mapping[str, Any] | None, bits: int) -> int:
+    """The LFQ's bits: from quantizer.codebook_size when set (a power of two), else quantizer.bits,
+    else ``bits`` (tokenizer.z_channels); they must equal tokenizer.z_channels."""
+    options = quantizer or {}
+    size = options.get("codebook_size")
+    if size is not None:
+        try:
+            found = bits_for_codebook_size(size)
+        except ValueError as error:
+            raise ValueError(f"quantizer.codebook_size={size}: {error}: use 2^bits "
+                             f"(e.g. {2**bits} for tokenizer.z_channels={bits}) or null") from None
+        if found != bits:
+            raise ValueError(f"quantizer.codebook_size={size} = 2^{found} codes needs tokenizer.z_channels={found}, "
+                             f"not {bits}: set tokenizer.z_channels={found} or quantizer.codebook_size={2**bits}")
+        return found
+    found = options.get("bits") or bits
+    if found != bits:
+        raise ValueError(f"quantizer.bits={found} must equal tokenizer.z_channels={bits}")
+    return found
+
+
 def build_quantizer(quantizer: Mapping[str, Any] | None, bits: int) -> LFQ:
-    options = dict(quantizer or {})
-    options["bits"] = options.get("bits") or bits
-    if options["bits"] != bits:
-        raise ValueError(f"quantizer.bits={options['bits']} must equal tokenizer.z_channels={bits}")
+    options = {k: v for k, v in (quantizer or {}).items() if k != "codebook_size"}
+    options["bits"] = quantizer_bits(quantizer, bits)
     return LFQ(**options)
 
 
