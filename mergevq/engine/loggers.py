@@ -110,8 +110,8 @@ class CSVLogger(RunLogger):
     * ``metrics.csv``: column ``step`` then metric keys in order of first appearance; one row per
       ``log`` call, empty cells for keys not logged in that call. When a new key appears the file is
       rewritten (atomically) with the union of columns. An existing file is continued (resume).
-    * ``images/{key}_{step:08d}.png`` (key with ``/`` etc. replaced by ``_``), captions in
-      ``images/index.csv`` (key, step, file, caption).
+    * ``images/{key}_{step:08d}.png`` (key with ``/`` etc. replaced by ``_``; a PNG already in
+      ``images/`` is indexed where it is), captions in ``images/index.csv`` (key, step, file, caption).
     * ``tables/{key}_{step:08d}.csv``; ``summary.json`` (merged across calls).
     """
 
@@ -153,6 +153,8 @@ class CSVLogger(RunLogger):
         file = folder / f"{_safe_name(key)}_{step:08d}.png"
         if isinstance(image, torch.Tensor):
             Image.fromarray(image_to_uint8(image)).save(file)
+        elif Path(image).resolve().parent == folder.resolve():
+            file = Path(image)  # already an image of this run: index it, no second copy
         else:
             shutil.copyfile(image, file)
         index = folder / "index.csv"

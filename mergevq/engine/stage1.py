@@ -33,7 +33,10 @@ from ..losses import (
 )
 from ..models.discriminator import PatchGANDiscriminator
 from ..models.factory import build_tokenizer, layout
+from ..models.tokens import square_grid
+from ..viz import merge_map
 from .ema import EMA
+from .html_report import write_run_report
 from .loggers import build_logger
 from .runner import (
     KeepSampler,
@@ -383,6 +386,7 @@ class Stage1Trainer:
             columns = list(rows[0])
             self.logger.log_table("val/per_k", columns, [[row[c] for c in columns] for row in rows], self.step)
             write_table(self.session.run_dir / "val_per_k.csv", rows)
+            write_run_report(self.session.run_dir, self.step, f"stage I: {self.cfg['tokenizer']['name']} tokenizer")
         acc.wait_for_everyone()
         return rows
 
@@ -390,7 +394,7 @@ class Stage1Trainer:
         loader = torch.utils.data.DataLoader(self.val_data, batch_size=max(self.micro_batch, 8), shuffle=False)
         batches = [b["image"] for _, b in zip(range(self.cfg["train"]["val_batches"]), loader)]
         device = self.acc.device
-        grid, rows = [batches[0][:8]], []
+        grid, maps, rows = [batches[0][:8] * 0.5 + 0.5], [], []
         for keep in self.val_keeps:
             psnr, rec, lpips, codes = [], [], [], []
             for x in batches:
@@ -411,12 +415,16 @@ class Stage1Trainer:
             if lpips:
                 row["lpips"] = float(torch.cat(lpips).mean())
             rows.append(row)
-            grid.append(tokenizer(batches[0][:8].to(device), keep)[0].clamp(-1, 1).cpu())
+            xrec, aux = tokenizer(batches[0][:8].to(device), keep)
+            grid.append(xrec.clamp(-1, 1).cpu() * 0.5 + 0.5)
+            shape = square_grid(aux["groups"].shape[1])
+            maps.append(torch.stack([merge_map(x, g, shape) for x, g in zip(batches[0][:8], aux["groups"].cpu())]))
         images = self.session.run_dir / "images"
         images.mkdir(exist_ok=True)
-        path = images / f"reconstructions_step{self.step:08d}.png"
-        save_image(torch.cat(grid) * 0.5 + 0.5, path, nrow=len(grid[0]))
-        self.logger.log_images("val/reconstructions", path, self.step, caption=f"originals, then K={self.val_keeps}")
+        for name, panel_rows in (("reconstructions", grid), ("merge_maps", [grid[0], *maps])):
+            path = images / f"{name}_step{self.step:08d}.png"
+            save_image(torch.cat(panel_rows), path, nrow=len(grid[0]))
+            self.logger.log_images(f"val/{name}", path, self.step, caption=f"originals, then K={self.val_keeps}")
         return rows
 
 
