@@ -316,7 +316,7 @@ RANK_DUMP = textwrap.dedent(
         result = trainer.fit()
         out = Path(os.environ["RANK_DUMP_DIR"]) / f"rank{trainer.acc.process_index}"
         out.mkdir(parents=True)
-        for name, module in trainer.modules_to_save().items():
+        for name, module in trainer.checkpoint_modules().items():
             state = module if isinstance(module, dict) else module.state_dict()
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
                       str(out / f"{name}.safetensors"))

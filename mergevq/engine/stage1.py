@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,17 @@ from ..models.tokens import square_grid
 from ..viz import merge_map
 from .ema import EMA
 from .html_report import write_run_report
-from .loggers import build_logger
 from .runner import (
     KeepSampler,
     SeededItems,
-    StepGuard,
-    batches_per_epoch,
     build_accelerator,
     fault_armed,
     fault_point,
     seed_everything,
-    step_batches,
 )
 from .schedules import build_scheduler
 from .session import RunSession
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +160,10 @@ def build_data(cfg: Mapping[str, Any], split: str):
     )
 
 
-class Stage1Trainer:
-    """Holds the run's modules and state; ``fit()`` runs to train.max_steps, resuming when asked."""
+class Stage1Trainer(Trainer):
+    """Tokenizer, discriminator, their optimizers and EMA; ``fit()`` runs to train.max_steps."""
+
+    name = "stage I"
 
     def __init__(self, cfg: Mapping[str, Any], session: RunSession):
         self.cfg, self.session = cfg, session
@@ -185,15 +183,8 @@ class Stage1Trainer:
         if teacher_kind != "none" and not has_align_head:
             raise ValueError("teacher.kind is set but the tokenizer has no alignment head (variant.align_head=none)")
         acc = build_accelerator(cfg["backend"], find_unused_parameters=has_align_head and teacher_kind == "none")
-        self.acc = acc
         session.attach(acc)
-        world = acc.num_processes
-        if train["global_batch_size"] % (world * train["grad_accum"]):
-            raise ValueError(
-                f"train.global_batch_size={train['global_batch_size']} is not divisible by processes ({world}) x "
-                f"train.grad_accum ({train['grad_accum']}): choose a multiple of {world * train['grad_accum']}"
-            )
-        self.micro_batch = train["global_batch_size"] // (world * train["grad_accum"])
+        self.setup_loop(acc, SeededItems(build_data(cfg, "train"), cfg["seed"]), "the training set")
         self.teacher = build_teacher(cfg["teacher"], cfg["tokenizer"].get("align_dim", 768), cfg["data"]["align_size"])
         self.criterion = Stage1Criterion(cfg["loss"], self.teacher is not None, cfg.get("recovery", {}).get("enabled", False))
         disc_cfg = cfg["loss"].get("discriminator", {})
@@ -212,53 +203,31 @@ class Stage1Trainer:
             self.teacher.to(device)
         self.ema = EMA(self.tokenizer, decay=train["ema"]["decay"]) if train["ema"]["enabled"] else None
 
-        self.train_items = SeededItems(build_data(cfg, "train"), cfg["seed"])
         self.val_data = build_data(cfg, "val")
-        self.steps_per_epoch = batches_per_epoch(len(self.train_items), self.micro_batch, world) // train["grad_accum"]
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(self.train_items)} images) is smaller than one global batch")
-        self.guard = StepGuard(acc, train.get("max_bad_steps", 5))
-        self.step, self.logger = 0, None
 
     # ------------------------------------------------------------------ state
     @property
     def tokenizer(self) -> nn.Module:
         return self.acc.unwrap_model(self.model).tokenizer
 
-    def modules_to_save(self) -> dict[str, Any]:
+    def checkpoint_modules(self) -> dict[str, Any]:
         modules = {"tokenizer": self.tokenizer, "discriminator": self.acc.unwrap_model(self.disc), "lecam": self.criterion.lecam}
         if self.ema is not None:
-            modules["tokenizer_ema"] = self.ema.state_dict()
+            modules["tokenizer_ema"] = self.ema
         return modules
 
-    def optimizers_to_save(self) -> dict[str, Any]:
+    def checkpoint_optimizers(self) -> dict[str, Any]:
         return {"opt_g": self.opt_g.optimizer, "opt_d": self.opt_d.optimizer, "sched_g": self.sched_g, "sched_d": self.sched_d}
 
-    def save(self) -> None:
-        self.session.save_checkpoint(self.step, self.modules_to_save(), self.optimizers_to_save(),
-                                     {"step": self.step, "skipped_steps": self.guard.skipped})
+    def progress_postfix(self, logs: Mapping[str, float]) -> dict[str, str]:
+        return {"loss": f"{logs['total']:.4f}", "K": str(int(logs["keep"])), "img_s": f"{logs['images_per_s']:.1f}"}
 
-    def maybe_resume(self) -> None:
-        modules = self.modules_to_save()
-        if modules.pop("tokenizer_ema", None) is not None:
-            modules["tokenizer_ema"] = self.ema
-        state = self.session.resume(self.cfg.get("resume", "auto"), modules, self.optimizers_to_save())
-        if state is not None:
-            self.step = int(state["step"])
-            self.guard.skipped = int(state["extra"].get("skipped_steps", 0))
-
-    @property
-    def batches_done(self) -> int:
-        """Batches drawn so far: optimizer steps plus skipped (non-finite) steps; the data position."""
-        return self.step + self.guard.skipped
+    def after_step(self) -> None:
+        train = self.cfg["train"]
+        if self.step % train["val_every"] == 0 or self.step == train["max_steps"]:
+            self.validate()
 
     # ------------------------------------------------------------------ training
-    def _micro_batches(self):
-        """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
-        return step_batches(self.train_items, self.micro_batch, self.cfg["train"]["grad_accum"], self.acc.process_index,
-                            self.acc.num_processes, self.steps_per_epoch, lambda: self.batches_done,
-                            self.cfg["train"]["num_workers"])
-
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
         """One optimizer step -> its logs, or None when it was skipped (non-finite loss or gradient)."""
         acc, train = self.acc, self.cfg["train"]
@@ -322,47 +291,6 @@ class Stage1Trainer:
                             "batch entropy %.4f nats (train.collapse_alarm.min_batch_entropy=%g)", self.step + 1,
                             logs["code_usage"], alarm["min_usage"], logs["batch_entropy"], alarm["min_batch_entropy"])
         return logs
-
-    def fit(self) -> dict[str, float]:
-        cfg, train, acc = self.cfg, self.cfg["train"], self.acc
-        options = {k: v for k, v in cfg["logger"].items() if k != "kind"}
-        if cfg["logger"]["kind"] == "wandb":
-            options["config"] = self.session.config
-        self.logger = build_logger(cfg["logger"]["kind"], self.session.run_dir, acc.is_main_process, **options)
-        self.maybe_resume()
-        progress = None
-        if train.get("progress", True) and acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=train["max_steps"], initial=self.step, desc="stage I", dynamic_ncols=True)
-        start, images = time.perf_counter(), 0
-        last_logs: dict[str, float] = {}
-        batches = self._micro_batches()
-        stop_at = train.get("interrupt_at") or train["max_steps"]
-        while self.step < min(train["max_steps"], stop_at):
-            logs = self.train_step(next(batches))
-            images += train["global_batch_size"]
-            if logs is None:  # skipped: no update, the step counter stays, the data moves on
-                continue
-            self.step += 1
-            last_logs = logs
-            if self.step % train["log_every"] == 0 or self.step == train["max_steps"] or "collapse_alarm" in logs:
-                elapsed = time.perf_counter() - start
-                logs["images_per_s"] = images / max(elapsed, 1e-9)
-                self.logger.log({f"train/{k}": v for k, v in logs.items()}, self.step)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{logs['total']:.4f}", K=logs["keep"], img_s=f"{logs['images_per_s']:.1f}")
-            if progress is not None:
-                progress.update(1)
-            if self.step % train["val_every"] == 0 or self.step == train["max_steps"]:
-                self.validate()
-            if self.step % train["ckpt_every"] == 0 or self.step == train["max_steps"]:
-                self.save()
-        if progress is not None:
-            progress.close()
-        self.logger.summary({f"final/{k}": v for k, v in last_logs.items()})
-        self.logger.finish()
-        return last_logs
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

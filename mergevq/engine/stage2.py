@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,19 +19,16 @@ from ..data.code_cache import CodeCache
 from ..models.gpt import GPT, gpt_args
 from ..models.mergear import MergeARConfig, keep_index, mergear_mask
 from .ema import EMA
-from .loggers import build_logger
 from .runner import (
     SeededItems,
-    StepGuard,
-    batches_per_epoch,
     build_accelerator,
     fault_armed,
     fault_point,
     seed_everything,
-    step_batches,
 )
 from .schedules import build_scheduler
 from .session import RunSession
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -90,35 +86,43 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-class Stage2Trainer:
+class Stage2Trainer(Trainer):
+    """The generator, its optimizer and optional EMA over a code cache; ``fit()`` runs to train.max_steps."""
+
+    throughput = "train_tokens_per_s"
+
     def __init__(self, cfg: Mapping[str, Any], session: RunSession):
         self.cfg, self.session = cfg, session
         train = cfg["train"]
         seed_everything(cfg["seed"])
         self.cache = CodeCache(cfg["codes"])
-        meta = {**self.cache.meta, **cache_contents(self.cache)}
-        self.acc = acc = build_accelerator(cfg["backend"])
+        acc = build_accelerator(cfg["backend"])
         session.attach(acc)
-        world = acc.num_processes
-        if train["global_batch_size"] % (world * train["grad_accum"]):
-            raise ValueError(f"train.global_batch_size={train['global_batch_size']} is not divisible by "
-                             f"{world} processes x train.grad_accum={train['grad_accum']}")
-        self.micro_batch = train["global_batch_size"] // (world * train["grad_accum"])
-        model, self.mergear = generator_setup(cfg, meta)
+        self.setup_loop(acc, SeededItems(self.cache, cfg["seed"]), "the code cache")
+        model, self.mergear = generator_setup(cfg, {**self.cache.meta, **cache_contents(self.cache)})
+        self.name = f"stage II ({cfg['generator']['kind']})"
         optimizer = torch.optim.AdamW(decay_groups(model, train["weight_decay"]), lr=train["lr"], betas=tuple(train["betas"]))
         self.scheduler = build_scheduler(optimizer, total_steps=train["max_steps"], **dict(train["lr_schedule"]))
         self.model, self.optimizer = acc.prepare(ARTrainingModel(model), optimizer)
         self.ema = EMA(self.gpt, decay=train["ema"]["decay"]) if train["ema"]["enabled"] else None
-        self.items = SeededItems(self.cache, cfg["seed"])
-        self.steps_per_epoch = batches_per_epoch(len(self.items), self.micro_batch, world) // train["grad_accum"]
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the code cache ({len(self.items)} items) is smaller than one global batch")
-        self.guard = StepGuard(acc, train.get("max_bad_steps", 5))
-        self.step, self.logger = 0, None
+        log.info("generator %s, %d parameters, world size %d", cfg["generator"]["kind"],
+                 sum(p.numel() for p in self.gpt.parameters()), acc.num_processes)
 
     @property
     def gpt(self) -> GPT:
         return self.acc.unwrap_model(self.model).gpt
+
+    def checkpoint_modules(self) -> dict[str, Any]:
+        return {"gpt": self.gpt, **({"gpt_ema": self.ema} if self.ema is not None else {})}
+
+    def checkpoint_optimizers(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.optimizer, "scheduler": self.scheduler}
+
+    def units_per_step(self) -> int:
+        return self.cfg["train"]["global_batch_size"] * self.gpt.args.seq_len
+
+    def progress_postfix(self, logs: Mapping[str, float]) -> dict[str, str]:
+        return {"loss": f"{logs['loss']:.4f}", "tok_s": f"{logs[self.throughput]:.0f}"}
 
     def batch_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Cache items -> GPT.loss inputs: targets are per-position codes; MergeAR adds [M] and its mask."""
@@ -128,17 +132,6 @@ class Stage2Trainer:
             inputs["keep"] = keep_index(batch["keep"], self.mergear.keep_options).to(device)
             inputs["mask"] = mergear_mask(batch["groups"].to(device), self.mergear.window, prefix=2)
         return inputs
-
-    def _batches(self):
-        """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
-        return step_batches(self.items, self.micro_batch, self.cfg["train"]["grad_accum"], self.acc.process_index,
-                            self.acc.num_processes, self.steps_per_epoch, lambda: self.batches_done,
-                            self.cfg["train"]["num_workers"])
-
-    @property
-    def batches_done(self) -> int:
-        """Batches drawn so far: optimizer steps plus skipped (non-finite) steps; the data position."""
-        return self.step + self.guard.skipped
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
         """One optimizer step -> its logs, or None when it was skipped (non-finite loss or gradient)."""
@@ -169,64 +162,6 @@ class Stage2Trainer:
             self.ema.update(self.gpt)
         logs.update(lr=self.scheduler.get_last_lr()[0], skipped_steps=self.guard.skipped)
         return logs
-
-    def save(self) -> None:
-        models: dict[str, Any] = {"gpt": self.gpt}
-        if self.ema is not None:
-            models["gpt_ema"] = self.ema.state_dict()
-        self.session.save_checkpoint(self.step, models, {"optimizer": self.optimizer.optimizer, "scheduler": self.scheduler},
-                                     {"step": self.step, "skipped_steps": self.guard.skipped})
-
-    def maybe_resume(self) -> None:
-        models: dict[str, Any] = {"gpt": self.gpt}
-        if self.ema is not None:
-            models["gpt_ema"] = self.ema
-        state = self.session.resume(self.cfg.get("resume", "auto"), models,
-                                    {"optimizer": self.optimizer.optimizer, "scheduler": self.scheduler})
-        if state is not None:
-            self.step = int(state["step"])
-            self.guard.skipped = int(state["extra"].get("skipped_steps", 0))
-
-    def fit(self) -> dict[str, float]:
-        cfg, train, acc = self.cfg, self.cfg["train"], self.acc
-        options = {k: v for k, v in cfg["logger"].items() if k != "kind"}
-        if cfg["logger"]["kind"] == "wandb":
-            options["config"] = self.session.config
-        self.logger = build_logger(cfg["logger"]["kind"], self.session.run_dir, acc.is_main_process, **options)
-        log.info("generator %s, %d parameters, world size %d", cfg["generator"]["kind"],
-                 sum(p.numel() for p in self.gpt.parameters()), acc.num_processes)
-        self.maybe_resume()
-        progress = None
-        if train.get("progress", True) and acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=train["max_steps"], initial=self.step, desc=f"stage II ({cfg['generator']['kind']})",
-                            dynamic_ncols=True)
-        start, tokens = time.perf_counter(), 0
-        last: dict[str, float] = {}
-        batches = self._batches()
-        stop_at = min(train["max_steps"], train.get("interrupt_at") or train["max_steps"])
-        while self.step < stop_at:
-            logs = self.train_step(next(batches))
-            tokens += train["global_batch_size"] * self.gpt.args.seq_len
-            if logs is None:  # skipped: no update, the step counter stays, the data moves on
-                continue
-            self.step += 1
-            last = logs
-            if self.step % train["log_every"] == 0 or self.step == train["max_steps"]:
-                logs["train_tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
-                self.logger.log({f"train/{k}": v for k, v in logs.items()}, self.step)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs['train_tokens_per_s']:.0f}")
-            if progress is not None:
-                progress.update(1)
-            if self.step % train["ckpt_every"] == 0 or self.step == train["max_steps"]:
-                self.save()
-        if progress is not None:
-            progress.close()
-        self.logger.summary({f"final/{k}": v for k, v in last.items()})
-        self.logger.finish()
-        return last
 
 
 def train_ar(cfg: Mapping[str, Any], session: RunSession) -> dict[str, float]:

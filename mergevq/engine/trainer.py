@@ -1,0 +1,121 @@
+"""The training loop both stages share: batch layout over processes, resumable step batches, the
+non-finite step guard, logging with a progress bar, periodic checkpoints and resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .loggers import build_logger
+from .runner import SeededItems, StepGuard, batches_per_epoch, step_batches
+from .session import RunSession
+
+
+class Trainer:
+    """Subclasses build their modules, call ``setup_loop`` and implement the hooks below."""
+
+    name = "train"                 # progress-bar label
+    throughput = "images_per_s"    # what ``units_per_step`` counts
+
+    cfg: Mapping[str, Any]
+    session: RunSession
+
+    def setup_loop(self, accelerator, items: SeededItems, what: str) -> None:
+        """Micro-batch size, steps per epoch and the step guard for ``items`` (``what`` names them in errors)."""
+        train, world = self.cfg["train"], accelerator.num_processes
+        self.acc, self.items = accelerator, items
+        if train["global_batch_size"] % (world * train["grad_accum"]):
+            raise ValueError(
+                f"train.global_batch_size={train['global_batch_size']} is not divisible by {world} processes x "
+                f"train.grad_accum={train['grad_accum']}: choose a multiple of {world * train['grad_accum']}"
+            )
+        self.micro_batch = train["global_batch_size"] // (world * train["grad_accum"])
+        self.steps_per_epoch = batches_per_epoch(len(items), self.micro_batch, world) // train["grad_accum"]
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{what} ({len(items)} items) is smaller than one global batch")
+        self.guard = StepGuard(accelerator, train.get("max_bad_steps", 5))
+        self.step, self.logger = 0, None
+
+    # ------------------------------------------------------------------ hooks
+    def checkpoint_modules(self) -> dict[str, Any]:
+        """name -> module (or EMA): saved as safetensors and loaded back in place on resume."""
+        raise NotImplementedError
+
+    def checkpoint_optimizers(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
+        """One optimizer step -> its logs, or None when the guard skipped it."""
+        raise NotImplementedError
+
+    def units_per_step(self) -> int:
+        return self.cfg["train"]["global_batch_size"]
+
+    def progress_postfix(self, logs: Mapping[str, float]) -> dict[str, str]:
+        return {}
+
+    def after_step(self) -> None:
+        """Called after every optimizer step, before the checkpoint (stage I validates here)."""
+
+    # ------------------------------------------------------------------ state
+    @property
+    def batches_done(self) -> int:
+        """Batches drawn so far: optimizer steps plus skipped (non-finite) steps; the data position."""
+        return self.step + self.guard.skipped
+
+    def step_batches(self):
+        """Lists of grad_accum micro-batches, one per optimizer step, from the resume point."""
+        train = self.cfg["train"]
+        return step_batches(self.items, self.micro_batch, train["grad_accum"], self.acc.process_index,
+                            self.acc.num_processes, self.steps_per_epoch, lambda: self.batches_done, train["num_workers"])
+
+    def save(self) -> None:
+        self.session.save_checkpoint(self.step, self.checkpoint_modules(), self.checkpoint_optimizers(),
+                                     {"step": self.step, "skipped_steps": self.guard.skipped})
+
+    def maybe_resume(self) -> None:
+        state = self.session.resume(self.cfg.get("resume", "auto"), self.checkpoint_modules(), self.checkpoint_optimizers())
+        if state is not None:
+            self.step = int(state["step"])
+            self.guard.skipped = int(state["extra"].get("skipped_steps", 0))
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        cfg, train, acc = self.cfg, self.cfg["train"], self.acc
+        options = {k: v for k, v in cfg["logger"].items() if k != "kind"}
+        if cfg["logger"]["kind"] == "wandb":
+            options["config"] = self.session.config
+        self.logger = build_logger(cfg["logger"]["kind"], self.session.run_dir, acc.is_main_process, **options)
+        self.maybe_resume()
+        progress = None
+        if train.get("progress", True) and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=train["max_steps"], initial=self.step, desc=self.name, dynamic_ncols=True)
+        start, units = time.perf_counter(), 0
+        last: dict[str, float] = {}
+        batches = self.step_batches()
+        stop_at = min(train["max_steps"], train.get("interrupt_at") or train["max_steps"])
+        while self.step < stop_at:
+            logs = self.train_step(next(batches))
+            units += self.units_per_step()
+            if logs is None:  # skipped: no update, the step counter stays, the data moves on
+                continue
+            self.step += 1
+            last = logs
+            if self.step % train["log_every"] == 0 or self.step == train["max_steps"] or "collapse_alarm" in logs:
+                logs[self.throughput] = units / max(time.perf_counter() - start, 1e-9)
+                self.logger.log({f"train/{k}": v for k, v in logs.items()}, self.step)
+                if progress is not None:
+                    progress.set_postfix(self.progress_postfix(logs))
+            if progress is not None:
+                progress.update(1)
+            self.after_step()
+            if self.step % train["ckpt_every"] == 0 or self.step == train["max_steps"]:
+                self.save()
+        if progress is not None:
+            progress.close()
+        self.logger.summary({f"final/{k}": v for k, v in last.items()})
+        self.logger.finish()
+        return last
