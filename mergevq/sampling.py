@@ -61,8 +61,8 @@ def sample_images(cfg: Mapping[str, Any], device: torch.device) -> dict[str, Any
         "images": torch.cat(images).numpy(), "labels": labels.numpy(), "codes": torch.cat(codes).numpy(),
         "stats": {"tokens_per_s": tokens / max(seconds, 1e-9), "peak_kv_cache_entries": peak,
                   "sequence_length": int(model.args.seq_len), "prefix_tokens": int(model.args.prefix_tokens)},
-        "settings": {**settings, "generator": run_cfg["generator"], "checkpoint": str(checkpoint),
-                     "tokenizer_checkpoint": str(tokenizer_ckpt), "weights": cfg["weights"]},
+        "settings": {**settings, "generator": run_cfg["generator"], "checkpoint": str(checkpoint.resolve()),
+                     "tokenizer_checkpoint": str(tokenizer_ckpt.resolve()), "weights": cfg["weights"]},
     }
 
 

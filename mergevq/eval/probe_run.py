@@ -49,7 +49,7 @@ def probe_tokenizer(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     card = {
         "kind": "linear_probe",
         "metrics": metrics,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(checkpoint.resolve()),
         "checkpoint_sha256": sha256_file(weights_file),
         "weights": cfg["weights"],
         "keeps": keeps,

@@ -123,7 +123,7 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
     card = {
         "kind": "tokenizer",
         "metrics": {str(r["keep"]): {k: v for k, v in r.items() if k != "keep"} for r in rows},
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(checkpoint.resolve()),
         "checkpoint_sha256": sha256_file(weights_file),
         "weights": cfg["weights"],
         "keeps": [r["keep"] for r in rows],
