@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 
@@ -58,6 +58,9 @@ train-ar: $(STAMP) ## stage II: make train-ar ARGS="codes=outputs/codes generato
 
 sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_class=8 cfg_scale=[2,2]"]
 	$(PY) -m mergevq.sample ckpt=$(CKPT) $(ARGS)
+
+bench: $(STAMP) ## benchmarks (not tests): make bench ARGS="--size tiny --suite all" (d64 on a GPU: --size d64 --device cuda)
+	$(PY) -m mergevq.benchmarks $(ARGS)
 
 bench-ar: $(STAMP) ## benchmark: raster vs MergeAR sampling tokens/s and KV-cache bytes (JSON in outputs/bench)
 	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
