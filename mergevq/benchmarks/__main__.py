@@ -151,7 +151,7 @@ def ar_suite(args) -> dict[str, Any]:
     if quick and not args.threads:
         torch.set_num_threads(1)
     try:
-        rows = [bench(args.ar_size, side, keep, window=16, batch=batch)
+        rows = [bench(args.ar_size, side, keep, window=16, batch=batch, device=args.device)
                 for side in _ints(args.ar_grids) for keep in _ints(args.ar_keeps) if keep <= side * side]
     finally:
         used = torch.get_num_threads()
@@ -227,12 +227,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = data.run(tk_cfg["resolution"], tk_cfg["align_size"], args.batch, batches, [0, 1, 2], rates)
             text = data.render(result)
         else:
-            probe = flops.matmul_peak(args.device)
-            peak = probe["peak_flops_per_s"]
+            first = flops.matmul_peak(args.device)
             rows = []
             for variant in args.step_variants:
-                rows += flops.block_rows(args.size, variant, args.device, args.batch, args.repeats, args.amp, peak)
-            rows += flops.step_rows(fast_steps(), peak)
+                rows += flops.block_rows(args.size, variant, args.device, args.batch, args.repeats, args.amp)
+            rows += flops.step_rows(fast_steps())
+            probe = flops.best_probe(first, flops.matmul_peak(args.device))
+            for row in rows:
+                row["fraction_of_peak"] = row["flops_per_s"] / probe["peak_flops_per_s"]
             result = {"probe": probe, "rows": rows}
             text = flops.render(result)
         report["suites"][suite] = result

@@ -37,10 +37,16 @@ def kv_bytes(model: GPT, entries: int, batch: int) -> int:
     return 2 * args.n_layer * batch * entries * args.dim * element
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None) -> float:
-    """Feed codes [B, L] through the decoder; -> seconds."""
-    labels = torch.zeros(codes.shape[0], dtype=torch.long)
+    """Feed codes [B, L] through the decoder; -> seconds (device synchronised)."""
+    labels = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+    _sync(codes.device)
     start = time.perf_counter()
     if isinstance(decoder, MergeARDecoder):
         decoder.prefill(labels, torch.zeros_like(labels))
@@ -51,10 +57,11 @@ def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None
             decoder.decode_one(codes[:, pos])
         else:
             decoder.decode_one(codes[:, pos], known_group=groups[:, pos])
+    _sync(codes.device)
     return time.perf_counter() - start
 
 
-def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 0) -> dict:
+def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 0, device: str = "cpu") -> dict:
     torch.manual_seed(seed)
     length = side * side
     base = gpt_args(size, grid=(side, side), num_classes=10)
@@ -62,9 +69,11 @@ def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 
     mergear_cfg = MergeARConfig(window=window, keep_options=(keep,))
     mergear = GPT(mergear_cfg.model_args(base)).eval()
     mergear.load_state_dict(raster.state_dict(), strict=False)  # same weights but the [M] table
+    raster, mergear = raster.to(device), mergear.to(device)
     generator = torch.Generator().manual_seed(seed)
     groups = torch.stack([run_groups(length, keep, generator) for _ in range(batch)])
     codes = torch.randint(0, raster.args.codebook_size, (batch, length), generator=generator).gather(1, groups)
+    groups, codes = groups.to(device), codes.to(device)
     raster_time = decode(raster, RasterDecoder(raster, batch), codes, None)
     bound = mergear.args.prefix_tokens + keep + window + 1
     decoder = MergeARDecoder(mergear, batch, window, max_slots=bound)
@@ -72,7 +81,7 @@ def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 
     stats = decoder.stats()
     raster_entries = raster.args.prefix_tokens + length
     return {
-        "size": size, "L": length, "K": keep, "window": window, "batch": batch,
+        "size": size, "device": str(device), "L": length, "K": keep, "window": window, "batch": batch,
         "raster_tokens_per_s": batch * length / raster_time,
         "mergear_tokens_per_s": batch * length / merge_time,
         "raster_kv_entries": raster_entries,
@@ -92,9 +101,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--keeps", default="144,256")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="outputs/bench/ar_cache.json")
     args = parser.parse_args(argv)
-    rows = [bench(args.size, int(side), int(keep), args.window, args.batch)
+    rows = [bench(args.size, int(side), int(keep), args.window, args.batch, device=args.device)
             for side in args.grids.split(",") for keep in args.keeps.split(",") if int(keep) <= int(side) ** 2]
     header = f"{'L':>5} {'K':>5} {'raster tok/s':>13} {'MergeAR tok/s':>14} {'raster KV':>10} {'MergeAR KV':>11} {'ratio':>6} {'(K+w)/L':>8}"
     print(header)

@@ -13,7 +13,12 @@ from typing import Any
 
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SIZES = ("tiny", "d64")
@@ -204,10 +209,19 @@ def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None,
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _conv_backward_flops(grad_out, x, w, _bias, _stride, _padding, _dilation, transposed, _output_padding,
+                         _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Input and weight gradients each cost the forward's multiply-adds. torch's own formula ignores
+    groups for the weight gradient (a depthwise 3x3 on C channels is counted C times over)."""
+    forward = conv_flop_count(x, w, grad_out, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode that also counts the CPU fused attention kernels (torch does not register them)."""
+    """FlopCounterMode that also counts the CPU fused attention kernels (torch does not register them)
+    and counts grouped-convolution backward correctly."""
     aten = torch.ops.aten
-    mapping = {}
+    mapping = {aten.convolution_backward: _conv_backward_flops}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flops
