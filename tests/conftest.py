@@ -17,6 +17,18 @@ def load_group(group: str, name: str) -> dict:
     return yaml.safe_load((ROOT / "conf" / group / f"{name}.yaml").read_text())
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny ops (and subprocesses started with OMP_NUM_THREADS=1): one intra-op thread avoids OpenMP
+    spin contention on small shared CPUs and gives the same reductions; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES

@@ -16,13 +16,7 @@ from mergevq.models.merge import canonical_order, groups_to_source, unmerge
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Many small ops: one intra-op thread avoids OpenMP spin contention on small shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 def tiny_tokenizer(variant: str, bits: int | None = None):

@@ -31,13 +31,7 @@ from mergevq.models.magvit2 import Magvit2Tokenizer
 KEEPS = [36, 64]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny ops: intra-op threads only add overhead (seconds per test on a busy 2-core host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ SPEC_PARAMS = {"b": 343.6e6, "l": 804.4e6, "xl": 1486.7e6}
 SPEC_FFN = {"b": 2816, "l": 3584, "xl": 4096}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight over the cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 def tiny_args(**kw) -> ModelArgs:

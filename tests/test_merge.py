@@ -31,13 +31,7 @@ OFFICIAL_SCHEDULES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Thousands of tiny ops: one intra-op thread avoids OpenMP spin contention on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 def simulate_capped(num_tokens, counts):

@@ -39,12 +39,7 @@ GROUPS = torch.tensor([
 ])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 def tiny_mergear(seed: int = 0, **kw) -> GPT:

@@ -50,12 +50,7 @@ RUN = ("variant=r", "loss.perceptual_weight=0", "data.train_kwargs.num_samples=8
        "train.ckpt_every=2", "train.val_every=2", "train.val_keeps=[36]")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): same reductions, same bits
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 def optimizer_states(checkpoint):

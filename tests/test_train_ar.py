@@ -125,13 +125,7 @@ def adjacent_groups(codes: np.ndarray, width: int) -> int:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on a 2-core machine shared with other work make token-by-token decoding crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 @pytest.fixture(scope="module")
