@@ -51,6 +51,7 @@ def report(run_dir: Path) -> tuple[Path, Path]:
             generators.append({"generator": kind, "gfid": str(metrics.get("gfid", "nan")),
                                "tokens_per_s": str(stats["tokens_per_s"]),
                                "peak_kv_entries": str(stats["peak_kv_cache_entries"]),
+                               "mean_peak_kv_entries": str(stats.get("mean_peak_kv_cache_entries", "nan")),
                                "positions": str(stats["sequence_length"])})
     if generators:
         text += ("\n## Class-conditional generation (samples_*/samples.png; gFID against held-out images, "

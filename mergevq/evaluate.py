@@ -1,5 +1,8 @@
 """Evaluate a tokenizer checkpoint: python -m mergevq.evaluate ckpt=RUN_DIR [keeps=[36,64]] [features=random]
 
+Writes the evaluation card (eval_card.json / .md) and per_k.png; with logger=csv|wandb also the
+eval/per_k table, the plot and eval/k{K}/{metric} summary scalars.
+
 Several processes shard the data: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.evaluate ...
 """
 
@@ -14,8 +17,9 @@ from .cli import run_entry
 
 
 def task(cfg: DictConfig) -> float:
+    from .engine.loggers import logger_from_config
     from .engine.runner import build_accelerator, seed_everything
-    from .eval.tokenizer_eval import evaluate_tokenizer
+    from .eval.tokenizer_eval import evaluate_tokenizer, log_per_k
 
     config = OmegaConf.to_container(cfg, resolve=True)
     if config["lpips"]["enabled"] and config["lpips"]["pretrained"]:
@@ -36,6 +40,9 @@ def task(cfg: DictConfig) -> float:
         broadcast_object_list(shared, from_process=0)
         run_dir = Path(shared[0])
     card = evaluate_tokenizer(config, accelerator, run_dir)
+    if card:  # rank 0
+        with logger_from_config(config, run_dir) as logger:
+            log_per_k(logger, card)
     rfids = [m["rfid"] for m in card.get("metrics", {}).values()]
     return min(rfids) if rfids else float("nan")
 

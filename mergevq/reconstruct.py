@@ -8,7 +8,10 @@ encoded and decoded at every K. Per image, in the run dir (``hydra.run.dir``):
     <name>_recon.png      input | reconstruction at K_1 | K_2 ...
     <name>_mergemap.png   input | merge map at K_1 | K_2 ...   (``mergevq.viz.merge_map``)
 
-plus ``reconstruct.json`` with the PSNR of every image at every K and the mean per K.
+plus ``reconstruct.json`` with the PSNR of every image at every K and the mean per K. With
+logger=csv|wandb both pictures of image i go to ``reconstruct/reconstructions`` and
+``reconstruct/merge_maps`` at step i (captions name the image and its PSNR per K), and the mean PSNR
+per K to the summary.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ def write_pictures(name: str, x: torch.Tensor, rows: list[dict[str, Any]], out_d
 
 
 def task(cfg: DictConfig) -> float:
+    from .engine.loggers import logger_from_config
     from .engine.restore import load_trained_tokenizer
     from .engine.runner import build_accelerator
 
@@ -150,22 +154,26 @@ def task(cfg: DictConfig) -> float:
 
         progress = tqdm(total=len(paths), desc="reconstruct", unit="img", dynamic_ncols=True)
     results = []
-    for path in paths:
-        try:
-            x = load_view(path, size)
-            rows = reconstruct(tokenizer, x, keeps)
-        except ValueError as error:  # an unreadable image or a K the tokenizer cannot reach
-            fail(str(error))
-        name = output_name(path, root)
-        write_pictures(name, x, rows, out_dir, config["alpha"], config["min_panel"])
-        results.append({"image": str(path), "name": name, "psnr": {str(r["keep"]): r["psnr"] for r in rows}})
+    with logger_from_config(config, out_dir) as logger:
+        for step, path in enumerate(paths):
+            try:
+                x = load_view(path, size)
+                rows = reconstruct(tokenizer, x, keeps)
+            except ValueError as error:  # an unreadable image or a K the tokenizer cannot reach
+                fail(str(error))
+            name = output_name(path, root)
+            recon, maps = write_pictures(name, x, rows, out_dir, config["alpha"], config["min_panel"])
+            caption = f"{name}: input, then " + ", ".join(f"K={r['keep']} ({r['psnr']:.2f} dB)" for r in rows)
+            logger.log_images("reconstruct/reconstructions", recon, step, caption=caption)
+            logger.log_images("reconstruct/merge_maps", maps, step, caption=caption)
+            results.append({"image": str(path), "name": name, "psnr": {str(r["keep"]): r["psnr"] for r in rows}})
+            if progress is not None:
+                progress.update(1)
         if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-
-    ks = list(results[0]["psnr"]) if results else []
-    mean = {k: sum(r["psnr"][k] for r in results) / len(results) for k in ks}
+            progress.close()
+        ks = list(results[0]["psnr"]) if results else []
+        mean = {k: sum(r["psnr"][k] for r in results) / len(results) for k in ks}
+        logger.summary({f"reconstruct/k{k}/mean_psnr": v for k, v in mean.items()})
     summary = {"checkpoint": str(checkpoint), "weights": config["weights"], "resolution": size, "keeps": ks,
                "mean_psnr": mean, "images": results}
     (out_dir / "reconstruct.json").write_text(json.dumps(summary, indent=2) + "\n")

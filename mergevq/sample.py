@@ -2,7 +2,8 @@
 
 Writes samples.png (one row per class), samples.npz (arr_0 uint8 NHWC, labels, codes) and
 sampling.json (every sampling setting, tokens/s, peak KV-cache entries); with evaluate.enabled an
-evaluation card with gFID / precision / recall against the held-out split.
+evaluation card with gFID / precision / recall against the held-out split. With logger=csv|wandb the
+per-class sample rows, the grid, a samples/stats table and the eval/* scores go to that logger.
 """
 
 from __future__ import annotations
@@ -17,22 +18,28 @@ from .cli import run_entry
 def task(cfg: DictConfig) -> float:
     import logging
 
+    from .engine.loggers import logger_from_config
     from .engine.runner import build_accelerator, seed_everything
-    from .sampling import sample_images, write_samples
+    from .sampling import log_samples, sample_images, write_samples
 
     config = OmegaConf.to_container(cfg, resolve=True)
     seed_everything(config["seed"])
     accelerator = build_accelerator(config["backend"])
     run_dir = Path(config["run_dir"])
     result = sample_images(config, accelerator.device)
-    write_samples(result, run_dir, config["per_class"], config["grid_png"], config["npz"])
+    paths = write_samples(result, run_dir, config["per_class"], config["grid_png"], config["npz"])
     logging.getLogger("mergevq").info("samples: %s; %s", run_dir, result["stats"])
-    if config["evaluate"]["enabled"]:
+    with logger_from_config(config, run_dir) as logger:
+        log_samples(logger, result, paths.get("grid"))
+        if not config["evaluate"]["enabled"]:
+            return float("nan")
         from .eval.generator_run import evaluate_samples
 
         card = evaluate_samples(config, result, run_dir)
+        scores = {f"eval/{k}": v for k, v in card["metrics"].items() if isinstance(v, int | float)}
+        logger.log(scores, step=0)
+        logger.summary(scores)
         return float(card["metrics"]["gfid"])
-    return float("nan")
 
 
 def main() -> None:

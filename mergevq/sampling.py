@@ -1,4 +1,4 @@
-"""Class-conditional sampling of a trained generator, decoding with its tokenizer, and gFID."""
+"""Class-conditional sampling of a trained generator, decoding with its tokenizer, and logging the samples."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from .engine.checkpoint import atomic_write_text
+from .engine.loggers import RunLogger
 from .engine.restore import load_trained_generator, load_trained_tokenizer
 from .models.generate import generate
 from .models.mergear import keep_index
@@ -44,7 +46,9 @@ def sample_images(cfg: Mapping[str, Any], device: torch.device) -> dict[str, Any
                        window=cfg.get("window") or mergear.window,
                        duplicate_rule=cfg.get("duplicate_rule") or mergear.duplicate_rule)
         settings.update(keep=keep, window=options["window"], duplicate_rule=options["duplicate_rule"])
-    images, codes, peak, tokens, seconds = [], [], 0, 0, 0.0
+    images, codes, row_peaks, tokens, seconds = [], [], [], 0, 0.0
+    progress = tqdm(total=len(labels), desc="sample", unit="img", dynamic_ncols=True,
+                    disable=not cfg.get("progress", True))
     for start in range(0, len(labels), cfg["batch_size"]):
         batch = labels[start : start + cfg["batch_size"]].to(device)
         seed = cfg["seed"] * 1_000_003 + start  # every batch seeded: a resumed or sharded run draws the same
@@ -54,12 +58,17 @@ def sample_images(cfg: Mapping[str, Any], device: torch.device) -> dict[str, Any
             decoded = tokenizer.decode_grid(out, tuple(meta["grid"])).clamp(-1, 1)
         images.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         codes.append(out.cpu())
-        peak = max(peak, int(stats["peak_cache"]))
+        row_peaks.append(stats["peak_cache_per_row"].cpu())
         tokens += out.numel()
         seconds += stats["seconds"]
+        progress.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}", refresh=False)
+        progress.update(len(batch))
+    progress.close()
+    row_peaks = torch.cat(row_peaks)  # per sample: the most KV entries its sequence held at once
     return {
         "images": torch.cat(images).numpy(), "labels": labels.numpy(), "codes": torch.cat(codes).numpy(),
-        "stats": {"tokens_per_s": tokens / max(seconds, 1e-9), "peak_kv_cache_entries": peak,
+        "stats": {"tokens_per_s": tokens / max(seconds, 1e-9), "peak_kv_cache_entries": int(row_peaks.max()),
+                  "mean_peak_kv_cache_entries": float(row_peaks.float().mean()),
                   "sequence_length": int(model.args.seq_len), "prefix_tokens": int(model.args.prefix_tokens)},
         "settings": {**settings, "generator": run_cfg["generator"], "checkpoint": str(checkpoint.resolve()),
                      "tokenizer_checkpoint": str(tokenizer_ckpt.resolve()), "weights": cfg["weights"]},
@@ -74,7 +83,46 @@ def write_samples(result: Mapping[str, Any], run_dir: Path, per_class: int, grid
         np.savez(paths["npz"], arr_0=result["images"], labels=result["labels"], codes=result["codes"])
     if grid_png:
         paths["grid"] = str(run_dir / "samples.png")
-        tensor = torch.from_numpy(result["images"]).permute(0, 3, 1, 2).float() / 255
-        save_image(tensor, paths["grid"], nrow=per_class)
+        save_image(unit_images(result["images"]), paths["grid"], nrow=per_class)
     atomic_write_text(run_dir / "sampling.json", json.dumps({**result["settings"], **result["stats"], **paths}, indent=2, default=str))
     return paths
+
+
+def unit_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] (as in samples.npz) -> float [N, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def class_grids(images: torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[int, torch.Tensor]:
+    """images [N, 3, H, W], labels [N] -> {class c: [3, H, W * n_c]}, classes ascending.
+
+    Class c's n_c samples side by side in sample order: columns [i * W, (i + 1) * W) hold its i-th."""
+    labels = torch.as_tensor(labels)
+    return {int(c): torch.cat(list(images[labels == c]), dim=-1) for c in labels.unique().tolist()}
+
+
+def settings_text(settings: Mapping[str, Any]) -> str:
+    """'cfg_scale=[1.5, 1.5], temperature=..., keep=64, seed=0': the sampling settings of a caption."""
+    keys = ("cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "keep", "seed")
+    return ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)
+
+
+def log_samples(logger: RunLogger, result: Mapping[str, Any], grid: str | None = None) -> None:
+    """One image per class (``samples/class_{c:04d}``: its samples in a row), the whole grid
+    (``samples/grid``, the samples.png file when written) and the ``samples/stats`` table, at step 0."""
+    settings, stats = result["settings"], result["stats"]
+    text = settings_text(settings)
+    for c, row in class_grids(unit_images(result["images"]), result["labels"]).items():
+        logger.log_images(f"samples/class_{c:04d}", row, step=0, caption=f"class {c}; {text}")
+    if grid is not None:
+        logger.log_images("samples/grid", grid, step=0, caption=f"one row per class; {text}")
+    table = {
+        "tokens_per_s": stats["tokens_per_s"],
+        "peak_kv_cache_entries": stats["peak_kv_cache_entries"],
+        "generator": settings["generator"]["kind"],
+        "keep": settings.get("keep"),
+        "cfg_scale": str(settings["cfg_scale"]),
+        "num_images": len(result["images"]),
+    }
+    logger.log_table("samples/stats", list(table), [list(table.values())], step=0)
+    logger.summary({f"samples/{k}": stats[k] for k in ("tokens_per_s", "peak_kv_cache_entries")})

@@ -299,6 +299,8 @@ def test_mergear_eviction_bound(mergear_run):
     most_groups = max(adjacent_groups(row, 8) for row in result["codes"])
     peak = result["stats"]["peak_kv_cache_entries"]
     assert most_groups < 64 and peak <= most_groups + 2 + 2 + 1 < 2 + 64
+    mean_groups = sum(adjacent_groups(row, 8) for row in result["codes"]) / len(result["codes"])
+    assert 2 < result["stats"]["mean_peak_kv_cache_entries"] <= min(peak, mean_groups + 2 + 2 + 1)
 
 
 # ------------------------------------------------------------------------------------------ benchmark, errors
@@ -317,6 +319,9 @@ def test_kv_cache_benchmark(tmp_path, capsys):
         assert r["mergear_peak_kv_entries"] < r["raster_kv_entries"]
         assert 0 < r["mergear_kv_bytes"] < r["raster_kv_bytes"]
         assert r["raster_tokens_per_s"] > 0 and r["mergear_tokens_per_s"] > 0
+        assert r["raster_attended_per_token"] == 1 + (64 + 1) / 2  # query l sees P + l + 1 slots
+        assert r["mergear_attended_per_token"] <= r["K"] + r["window"] + 2 + 1
+        assert r["attention_ratio"] == r["mergear_attended_per_token"] / r["raster_attended_per_token"] < 1
 
 
 def test_missing_code_cache_is_one_line_error(tmp_path):

@@ -1,8 +1,10 @@
 """Experiment loggers behind one small interface, plus reading an offline W&B run back.
 
 ``build_logger(kind, run_dir, is_main_process, **kwargs)`` gives a :class:`WandbLogger`,
-:class:`CSVLogger` or :class:`NoLogger` (always NoLogger on non-main ranks). Steps are optimizer
-steps and must not decrease (W&B drops rows logged at an earlier step).
+:class:`CSVLogger` or :class:`NoLogger` (always NoLogger on non-main ranks); :func:`logger_from_config`
+builds the one an entry's ``logger`` config group asks for. Steps are optimizer steps (0 for the
+one-shot entries: sample, evaluate, reconstruct) and must not decrease (W&B drops rows logged at an
+earlier step).
 
 :func:`read_offline_wandb` reads a finished (or running) offline run through ``wandb leet inspect``
 (wandb >= 0.31); without it, it parses the run's ``.wandb`` transaction log itself (see there).
@@ -273,6 +275,21 @@ def build_logger(kind: str, run_dir: str | os.PathLike, is_main_process: bool, *
     if kind == "csv":
         return CSVLogger(run_dir, **kwargs)
     return WandbLogger(run_dir, **kwargs)
+
+
+def logger_from_config(
+    config: Mapping[str, Any], run_dir: str | os.PathLike, is_main_process: bool = True
+) -> RunLogger:
+    """The logger an entry's resolved ``config`` asks for: its ``logger`` group (``kind`` plus that
+    logger's options; absent means ``none``). A W&B run also gets the whole ``config`` as its run
+    config and ``job_type=config["task"]`` (train_ar, sample, evaluate, ...) to tell entries apart."""
+    options = dict(config.get("logger") or {"kind": "none"})
+    kind = options.pop("kind")
+    if kind == "wandb":
+        options["config"] = config
+        if config.get("task"):
+            options.setdefault("job_type", config["task"])
+    return build_logger(kind, run_dir, is_main_process, **options)
 
 
 # ------------------------------------------------------------------------------ reading offline runs

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .loggers import build_logger
+from .loggers import logger_from_config
 from .runner import SeededItems, StepGuard, batches_per_epoch, step_batches
 from .session import RunSession
 
@@ -82,11 +82,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
-        cfg, train, acc = self.cfg, self.cfg["train"], self.acc
-        options = {k: v for k, v in cfg["logger"].items() if k != "kind"}
-        if cfg["logger"]["kind"] == "wandb":
-            options["config"] = self.session.config
-        self.logger = build_logger(cfg["logger"]["kind"], self.session.run_dir, acc.is_main_process, **options)
+        train, acc = self.cfg["train"], self.acc
+        self.logger = logger_from_config(self.session.config, self.session.run_dir, acc.is_main_process)
         self.maybe_resume()
         progress = None
         if train.get("progress", True) and acc.is_main_process:

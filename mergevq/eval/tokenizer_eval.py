@@ -1,5 +1,6 @@
 """Evaluate a tokenizer checkpoint: rFID, PSNR, SSIM, LPIPS and codebook statistics per K in one pass
-over the held-out split, sharded over processes; writes the evaluation card and a plot."""
+over the held-out split, sharded over processes; writes the evaluation card and a plot (and logs them
+with :func:`log_per_k`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset, default_cache_dir
+from ..engine.loggers import RunLogger
 from ..engine.restore import load_trained_tokenizer
 from .card import lpips_info, package_versions, sha256_file, write_card
 from .features import FeatureCache, RandomFeatures, TFInceptionFeatures, extractor_meta
@@ -66,6 +68,20 @@ def plot_per_k(rows: list[dict[str, Any]], path: Path, untrained_features: bool)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def log_per_k(logger: RunLogger, card: Mapping[str, Any]) -> None:
+    """A tokenizer card to a logger at step 0: the ``eval/per_k`` table (keep, then every per-K metric
+    of the card: rfid, psnr, ssim, lpips, code usage ...), the per-K plot when written and
+    ``eval/k{K}/{metric}`` summary scalars."""
+    per_k = card["metrics"]
+    columns = ["keep", "rfid", *(c for c in next(iter(per_k.values())) if c != "rfid")]
+    rows = [[int(k), *(m.get(c) for c in columns[1:])] for k, m in per_k.items()]
+    logger.log_table("eval/per_k", columns, rows, step=0)
+    if card.get("plot"):
+        logger.log_images("eval/per_k_plot", card["plot"], step=0, caption="rFID and PSNR vs kept tokens K")
+    logger.summary({f"eval/k{k}/{name}": v for k, m in per_k.items() for name, v in m.items()
+                    if isinstance(v, int | float)})
 
 
 def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> dict[str, Any]:

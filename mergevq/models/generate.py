@@ -94,8 +94,10 @@ class RasterDecoder:
     def stats(self) -> dict:
         n, p = self.n_assigned, self.prefix
         device = self.codes.device
+        peak = p + max(self.n_fed - 1, 0)
         return {
-            "peak_cache": p + max(self.n_fed - 1, 0),
+            "peak_cache": peak,
+            "peak_cache_per_row": torch.full((self.batch,), peak, device=device),
             "peak_live": p + self.n_fed,
             "slots_used": p + self.n_fed,
             "num_groups": torch.full((self.batch,), n, device=device),
