@@ -40,7 +40,7 @@ demo: $(STAMP) ## the whole pipeline on the CPU (~25 min): tokenizer, rFID per K
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_raster $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_raster keep=64 num_images=2048 overwrite=true
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_mergear generator=mergear
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_raster generator=raster
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=4 evaluate.enabled=true evaluate.num_reference=200
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=4 keep=25 evaluate.enabled=true evaluate.num_reference=200
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_raster per_class=4 evaluate.enabled=true evaluate.num_reference=200
 	$(PY) -m mergevq.demo $(DEMO_DIR)
 

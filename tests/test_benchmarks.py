@@ -99,11 +99,12 @@ def test_dense_unmerge_equals_gather_unmerge():
 def test_training_step_paths_agree():
     from mergevq.benchmarks.step import build_step, measure
 
-    logs = {path: build_step("tiny", "gr", path)[0]() for path in ("fast", "reference")}
+    logs = {path: build_step("tiny", "gr", path)[0]() for path in ("fast", "fast_ckpt", "reference")}
     fast, ref = logs["fast"], logs["reference"]
     assert fast.keys() == ref.keys() >= {"rec", "commit", "entropy", "align", "total"}
     for key in fast:
         assert fast[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-4), key
+    assert logs["fast_ckpt"] == pytest.approx(fast, rel=1e-6, abs=1e-6)  # recomputation changes no value
 
     result = measure({"size": "tiny", "variant": "gr", "path": "fast", "mode": "both", "repeats": 1, "threads": 1})
     assert result["flops"] > 0 and result["min_s"] > 0 and result["step_peak_bytes"] >= 0

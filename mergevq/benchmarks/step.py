@@ -33,13 +33,14 @@ import torch
 from . import common, reference
 
 RESULT_PREFIX = "BENCH_RESULT "
-PATHS = ("fast", "reference")
+PATHS = ("fast", "fast_ckpt", "reference")  # fast_ckpt: the fast path with activation checkpointing
 
 
 def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: int = 2,
                perceptual: bool = False, amp: bool = False, seed: int = 0):
     """-> (step() returning the loss logs, info dict). One generator step per call."""
     from ..engine.stage1 import Stage1Criterion, Stage1Model
+    from ..models.blocks import set_activation_checkpointing
     from ..models.factory import build_tokenizer, layout
 
     if path not in PATHS:
@@ -47,6 +48,7 @@ def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: i
     tk_cfg, var_cfg, q_cfg = common.model_configs(size, variant)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(tk_cfg, var_cfg, q_cfg).to(device).train()
+    set_activation_checkpointing(tokenizer, path == "fast_ckpt")
     spec = layout(tk_cfg, var_cfg)
     keep, positions = spec["keep"], spec["num_positions"]
     loss_cfg = common.loss_config(perceptual)
@@ -58,7 +60,7 @@ def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: i
     x = (torch.rand(batch, 3, res, res, generator=gen) * 2 - 1).to(device)
     view = (torch.rand(batch, 3, align, align, generator=gen) * 2 - 1).to(device)
     teacher = torch.randn(batch, tk_cfg["align_dim"], generator=gen).to(device)
-    if path == "fast":
+    if path != "reference":
         model = Stage1Model(tokenizer)
 
         def forward():

@@ -30,6 +30,7 @@ from ..losses import (
     reconstruction_loss,
     tiny_random_teacher,
 )
+from ..models.blocks import set_activation_checkpointing
 from ..models.discriminator import PatchGANDiscriminator
 from ..models.factory import build_tokenizer, layout
 from ..models.tokens import square_grid
@@ -40,6 +41,7 @@ from .runner import (
     KeepSampler,
     SeededItems,
     build_accelerator,
+    compile_in_place,
     fault_armed,
     fault_point,
     seed_everything,
@@ -190,6 +192,10 @@ class Stage1Trainer(Trainer):
         disc_cfg = cfg["loss"].get("discriminator", {})
         self.use_gan = cfg["loss"]["adversarial_weight"] > 0
         discriminator = PatchGANDiscriminator(ndf=disc_cfg.get("ndf", 64), n_layers=disc_cfg.get("n_layers", 3))
+        set_activation_checkpointing(tokenizer, bool(train.get("activation_checkpointing", False)))
+        # the merging transformer changes its token count with K every step: it stays eager
+        static = [tokenizer.encoder.stem if self.is_mergevq else tokenizer.encoder, tokenizer.decoder, discriminator]
+        compile_in_place(static, cfg["backend"].get("compile", False))
 
         opt_g = torch.optim.Adam(tokenizer.parameters(), lr=train["lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=train["disc_lr"], betas=tuple(train["betas"]), weight_decay=train["weight_decay"])

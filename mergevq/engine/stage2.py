@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from ..data.code_cache import CodeCache
+from ..models.blocks import set_activation_checkpointing
 from ..models.gpt import GPT, gpt_args
 from ..models.mergear import MergeARConfig, keep_index, mergear_mask
 from .ema import EMA
 from .runner import (
     SeededItems,
     build_accelerator,
+    compile_in_place,
     fault_armed,
     fault_point,
     seed_everything,
@@ -100,6 +102,8 @@ class Stage2Trainer(Trainer):
         session.attach(acc)
         self.setup_loop(acc, SeededItems(self.cache, cfg["seed"]), "the code cache")
         model, self.mergear = generator_setup(cfg, {**self.cache.meta, **cache_contents(self.cache)})
+        set_activation_checkpointing(model, bool(train.get("activation_checkpointing", False)))
+        compile_in_place([model], cfg["backend"].get("compile", False))
         self.name = f"stage II ({cfg['generator']['kind']})"
         optimizer = torch.optim.AdamW(decay_groups(model, train["weight_decay"]), lr=train["lr"], betas=tuple(train["betas"]))
         self.scheduler = build_scheduler(optimizer, total_steps=train["max_steps"], **dict(train["lr_schedule"]))

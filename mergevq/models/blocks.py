@@ -8,6 +8,28 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Recomputable(nn.Module):
+    """A block whose activations can be recomputed in backward instead of stored (activation
+    checkpointing): less memory for one more forward pass. Off until ``set_activation_checkpointing``."""
+
+    activation_checkpointing = False
+
+    def recompute(self, fn, *args):
+        """fn(*args), checkpointed when enabled and gradients are being recorded (RNG state replayed)."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing of every ``Recomputable`` block of ``model`` on or off -> their number."""
+    blocks = [m for m in model.modules() if isinstance(m, Recomputable)]
+    for block in blocks:
+        block.activation_checkpointing = enabled
+    return len(blocks)
 
 
 def group_norm(channels: int, eps: float = 1e-6, affine: bool = True) -> nn.GroupNorm:
@@ -15,7 +37,7 @@ def group_norm(channels: int, eps: float = 1e-6, affine: bool = True) -> nn.Grou
     return nn.GroupNorm(32, channels, eps=eps, affine=affine)
 
 
-class ResBlock(nn.Module):
+class ResBlock(Recomputable):
     """GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3 plus a (1x1) shortcut; convs without bias.
 
     x [B, c_in, H, W] -> [B, c_out, H, W]
@@ -34,6 +56,9 @@ class ResBlock(nn.Module):
             self.nin_shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.recompute(self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
         h = self.conv2(self.act(self.norm2(h)))
         return h + self.nin_shortcut(x)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mergevq.models.blocks import Recomputable
 from mergevq.models.lfq import join_codes, split_codes
 
 
@@ -256,8 +257,9 @@ class FeedForward(nn.Module):
         return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-RMSNorm attention + SwiGLU, both residual. Arguments as ``Attention``."""
+class TransformerBlock(Recomputable):
+    """Pre-RMSNorm attention + SwiGLU, both residual. Arguments as ``Attention``; without a KV cache
+    the block can recompute its activations in backward (``set_activation_checkpointing``)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -267,6 +269,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, rope, mask=None, cache=None, slots=None, span=None):
+        if cache is None:
+            return self.recompute(self._forward, x, rope, mask)
+        return self._forward(x, rope, mask, cache, slots, span)
+
+    def _forward(self, x, rope, mask=None, cache=None, slots=None, span=None):
         x = x + self.attention(self.attention_norm(x), rope, mask, cache, slots, span)
         return x + self.feed_forward(self.ffn_norm(x))
 

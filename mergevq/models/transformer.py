@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import nn
 
+from .blocks import Recomputable
+
 
 class Attention(nn.Module):
     """Multi-head self-attention (fused SDPA) with an optional additive key bias.
@@ -59,7 +61,7 @@ class MixMlp(nn.Module):
         return self.fc2(self.act(x))
 
 
-class Block(nn.Module):
+class Block(Recomputable):
     """x + ls1(attn(norm1(x))), [merge], x + ls2(mlp(norm2(x))); LayerScale init 1e-5."""
 
     def __init__(
@@ -84,11 +86,14 @@ class Block(nn.Module):
     def attend(self, x: torch.Tensor, size: torch.Tensor | None = None):
         """x [B, T, C], size [B, T, 1] or None -> (x, key metric [B, T, C/H])."""
         bias = None if size is None else size[..., 0].log()
-        out, metric = self.attn(self.norm1(x), bias)
+        out, metric = self.recompute(self.attn, self.norm1(x), bias)
         return x + self.drop_path(self.ls1(out)), metric
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        return x + self.drop_path(self.ls2(self.recompute(self._mlp, x)))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.attend(x)[0])
