@@ -33,7 +33,8 @@ import torch
 from . import common, reference
 
 RESULT_PREFIX = "BENCH_RESULT "
-PATHS = ("fast", "fast_ckpt", "reference")  # fast_ckpt: the fast path with activation checkpointing
+# fast_ckpt: with activation checkpointing; fast_ckpt_bf16: also under bf16 autocast (whatever --amp says)
+PATHS = ("fast", "fast_ckpt", "fast_ckpt_bf16", "reference")
 
 
 def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: int = 2,
@@ -48,7 +49,8 @@ def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: i
     tk_cfg, var_cfg, q_cfg = common.model_configs(size, variant)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(tk_cfg, var_cfg, q_cfg).to(device).train()
-    set_activation_checkpointing(tokenizer, path == "fast_ckpt")
+    set_activation_checkpointing(tokenizer, path.startswith("fast_ckpt"))
+    amp = amp or path.endswith("bf16")
     spec = layout(tk_cfg, var_cfg)
     keep, positions = spec["keep"], spec["num_positions"]
     loss_cfg = common.loss_config(perceptual)

@@ -229,7 +229,8 @@ def _run(extractor: nn.Module, batches: Iterable, device, image_key: str, input_
 
 
 def extract_features(extractor: nn.Module, images_iterable, device=None, accelerator=None,
-                     image_key: str = "image", input_range: Sequence[float] = (0.0, 1.0)) -> np.ndarray:
+                     image_key: str = "image", input_range: Sequence[float] = (0.0, 1.0),
+                     progress: str | None = None) -> np.ndarray:
     """Run `extractor` over all batches -> features np.float32 [N, D] in the iterable's order.
 
     images_iterable: an iterable of batches, each an image tensor [B, C, H, W] (uint8, or float in
@@ -240,6 +241,7 @@ def extract_features(extractor: nn.Module, images_iterable, device=None, acceler
     accelerator: an `accelerate.Accelerator`. With several processes, global batch i is handled by
         rank i % num_processes; the per-rank features are padded to equal length, gathered, and put
         back in the original order. Every rank gets the full array.
+    progress: when given, rank 0 shows a progress bar (with ETA) of the batches under this title.
     """
     if device is None:
         device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -248,6 +250,10 @@ def extract_features(extractor: nn.Module, images_iterable, device=None, acceler
     rank = accelerator.process_index if accelerator is not None else 0
 
     batches, sizes = _own_batches(images_iterable, rank, world)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=progress, unit="batch", dynamic_ncols=True)
     skip = world > 1 and sizes is None
     local, seen = _run(extractor, batches, device, image_key, tuple(input_range), rank, world, skip)
     if world == 1:

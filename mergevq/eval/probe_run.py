@@ -35,9 +35,12 @@ def probe_tokenizer(cfg: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     train = _loader(data, "train", cfg.get("train_images"), cfg["batch_size"])
     test = _loader(data, "val", cfg.get("test_images"), cfg["batch_size"])
     metrics: dict[str, dict[str, float]] = {}
+    from tqdm.auto import tqdm
+
     for keep in keeps:
-        train_feats = extract_probe_features(tokenizer, train, keep, cfg["kinds"])
-        test_feats = extract_probe_features(tokenizer, test, keep, cfg["kinds"])
+        bar = {"unit": "batch", "dynamic_ncols": True, "disable": not cfg.get("progress", True)}
+        train_feats = extract_probe_features(tokenizer, tqdm(train, desc=f"probe K={keep} train features", **bar), keep, cfg["kinds"])
+        test_feats = extract_probe_features(tokenizer, tqdm(test, desc=f"probe K={keep} test features", **bar), keep, cfg["kinds"])
         row = {}
         for kind, (x, y) in train_feats.items():
             tx, ty = test_feats[kind]
