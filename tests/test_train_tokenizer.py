@@ -32,6 +32,7 @@ from mergevq.cli import CONF_DIR
 from mergevq.config_check import ConfigError, check_tokenizer_run
 from mergevq.engine.loggers import read_offline_wandb
 from mergevq.engine.stage1 import build_data
+from mergevq.models.blocks import Recomputable
 from mergevq.models.factory import build_tokenizer, layout
 from mergevq.train_tokenizer import task
 
@@ -265,6 +266,32 @@ def test_overfits_four_images(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 3. resume equivalence
+
+
+def test_memory_and_layout_switches_keep_the_losses(tmp_path, monkeypatch):
+    """train.activation_checkpointing and backend.channels_last change how the step runs, not what it
+    computes: the same logged losses as the plain run (to float rounding)."""
+    import mergevq.engine.stage1 as stage1
+
+    seen = []
+    real_compile = stage1.compile_in_place
+
+    def spy(modules, setting):  # called once the tokenizer is set up: record what the switches did
+        decoder = modules[1]
+        seen.append((decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last),
+                     all(b.activation_checkpointing for b in decoder.modules() if isinstance(b, Recomputable))))
+        return real_compile(modules, setting)
+
+    monkeypatch.setattr(stage1, "compile_in_place", spy)
+    steps = ("train.max_steps=2", "train.val_every=100", "train.ckpt_every=100", "train.keep_candidates=[36]")
+    plain = train_rows(train(tmp_path / "plain", *steps))
+    switched = train_rows(train(tmp_path / "switched", *steps, "train.activation_checkpointing=true",
+                                "backend.channels_last=true"))
+    assert seen == [(False, False), (True, True)]
+    assert len(plain) == len(switched) == 2
+    for a, b in zip(plain, switched, strict=True):
+        for key in ("train/rec", "train/commit", "train/total", "train/d_hinge"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
 def test_resume_is_bitwise_identical(tmp_path):

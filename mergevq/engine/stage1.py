@@ -193,6 +193,9 @@ class Stage1Trainer(Trainer):
         self.use_gan = cfg["loss"]["adversarial_weight"] > 0
         discriminator = PatchGANDiscriminator(ndf=disc_cfg.get("ndf", 64), n_layers=disc_cfg.get("n_layers", 3))
         set_activation_checkpointing(tokenizer, bool(train.get("activation_checkpointing", False)))
+        if cfg["backend"].get("channels_last", False):  # conv weights NHWC: their outputs follow
+            tokenizer.to(memory_format=torch.channels_last)
+            discriminator.to(memory_format=torch.channels_last)
         # the merging transformer changes its token count with K every step: it stays eager
         static = [tokenizer.encoder.stem if self.is_mergevq else tokenizer.encoder, tokenizer.decoder, discriminator]
         compile_in_place(static, cfg["backend"].get("compile", False))
