@@ -480,3 +480,13 @@ def test_transaction_log_reader_spans_blocks(wandb_offline):
     got, fallback = read_offline_wandb(torn, timeout=0), read_offline_wandb(torn, use_leet=False, timeout=0)
     assert got["state"] == fallback["state"] == "running"
     assert 0 < len(got["history"]) < 150 and fallback["history"] == got["history"]
+
+
+def test_host_scalars_copies_tensor_logs_once_and_keeps_numbers():
+    from mergevq.engine.runner import host_scalars
+
+    logs = {"rec": torch.tensor(0.25), "grad_norm": torch.tensor([3.5], dtype=torch.float64), "keep": 36, "lr": 1e-4}
+    out = host_scalars(logs)
+    assert out == {"rec": 0.25, "grad_norm": 3.5, "keep": 36, "lr": 1e-4}
+    assert all(type(v) in (float, int) for v in out.values())
+    assert host_scalars({"keep": 36}) == {"keep": 36}

@@ -40,6 +40,7 @@ PATHS = ("fast", "fast_ckpt", "fast_ckpt_bf16", "reference")
 def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: int = 2,
                perceptual: bool = False, amp: bool = False, seed: int = 0):
     """-> (step() returning the loss logs, info dict). One generator step per call."""
+    from ..engine.runner import host_scalars
     from ..engine.stage1 import Stage1Criterion, Stage1Model
     from ..models.blocks import set_activation_checkpointing
     from ..models.factory import build_tokenizer, layout
@@ -78,7 +79,7 @@ def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: i
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # as the trainer: no gradients held between steps
-        return logs
+        return host_scalars(logs)
 
     info = {
         "size": size, "variant": variant, "path": path, "batch": batch, "resolution": res, "align_size": align,

@@ -73,6 +73,16 @@ def compile_in_place(modules: Sequence[torch.nn.Module], setting: bool | str) ->
     return len(modules)
 
 
+def host_scalars(logs: Mapping[str, Any]) -> dict[str, Any]:
+    """Logs whose values are scalar tensors (left on the device during the step, so the host never
+    waits for the GPU mid-step) or plain numbers -> plain floats, with one device-to-host copy."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(logs)
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**logs, **dict(zip(keys, values, strict=True))}
+
+
 def seed_everything(seed: int) -> None:
     import random
 

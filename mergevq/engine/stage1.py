@@ -44,6 +44,7 @@ from .runner import (
     compile_in_place,
     fault_armed,
     fault_point,
+    host_scalars,
     seed_everything,
 )
 from .schedules import build_scheduler
@@ -109,7 +110,7 @@ class Stage1Criterion(nn.Module):
             terms["recovery_acc"] = quantizer["recovery_accuracy"]
             total = total + c["recovery_weight"] * terms["recovery"]
         terms["total"] = total
-        return total, {k: float(v.detach()) for k, v in terms.items()}
+        return total, {k: v.detach() for k, v in terms.items()}  # tensors: no host sync mid-step
 
     def discriminator(self, discriminator: nn.Module, x, xrec, reduce=None):
         """Hinge + LeCam on detached reconstructions. reduce averages the logit means over ranks so the
@@ -122,7 +123,7 @@ class Stage1Criterion(nn.Module):
         self.lecam.update(means[0], means[1])
         lecam = self.lecam.penalty(real, fake)
         total = hinge + self.cfg["lecam_weight"] * lecam
-        return total, {"d_hinge": float(hinge.detach()), "d_lecam": float(lecam.detach()), "d_real": float(means[0]), "d_fake": float(means[1])}
+        return total, {"d_hinge": hinge.detach(), "d_lecam": lecam.detach(), "d_real": means[0], "d_fake": means[1]}
 
 
 def collapse_check(codes: torch.Tensor, batch_entropy: float, alarm: Mapping[str, Any]) -> dict[str, float]:
@@ -248,7 +249,7 @@ class Stage1Trainer(Trainer):
         watch_codes = bool(alarm.get("every")) and (self.step + 1) % alarm["every"] == 0
         codes: list[torch.Tensor] = []
         self.guard.begin(d_raw, self.criterion.lecam)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor | float] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             x = batch["image"].to(acc.device)
@@ -281,7 +282,7 @@ class Stage1Trainer(Trainer):
             self.opt_d.zero_grad(set_to_none=True)
             return None
         if train.get("grad_clip"):
-            logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
+            logs["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"])
             if gan_on:
                 acc.clip_grad_norm_(self.disc.parameters(), train["grad_clip"])
         self.opt_g.step()
@@ -292,6 +293,7 @@ class Stage1Trainer(Trainer):
         self.sched_d.step()
         if self.ema is not None:
             self.ema.update(self.tokenizer)
+        logs = host_scalars(logs)
         logs.update(keep=keep or 0, lr=self.sched_g.get_last_lr()[0], skipped_steps=self.guard.skipped)
         if codes:
             logs.update(collapse_check(torch.cat(codes), logs["batch_entropy"], alarm))

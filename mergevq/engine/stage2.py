@@ -26,6 +26,7 @@ from .runner import (
     compile_in_place,
     fault_armed,
     fault_point,
+    host_scalars,
     seed_everything,
 )
 from .schedules import build_scheduler
@@ -142,7 +143,7 @@ class Stage2Trainer(Trainer):
         acc, train = self.acc, self.cfg["train"]
         batch_number, rank = self.batches_done + 1, acc.process_index
         self.guard.begin()
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor | float] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with acc.no_sync(self.model) if not last else contextlib.nullcontext():
@@ -152,20 +153,19 @@ class Stage2Trainer(Trainer):
                     losses["loss"] = losses["loss"] + float("nan")
                 acc.backward(self.guard.watch(losses["loss"]) / len(micro_batches))
             for key, value in losses.items():
-                logs[key] = logs.get(key, 0.0) + float(value.detach()) / len(micro_batches)
+                logs[key] = logs.get(key, 0.0) + value.detach() / len(micro_batches)
         fault_point("step", batch_number, rank)
         if not self.guard.finite(self.model.parameters()):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if train.get("grad_clip"):
-            logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
+            logs["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), train["grad_clip"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.gpt)
-        logs.update(lr=self.scheduler.get_last_lr()[0], skipped_steps=self.guard.skipped)
-        return logs
+        return {**host_scalars(logs), "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.guard.skipped}
 
 
 def train_ar(cfg: Mapping[str, Any], session: RunSession) -> dict[str, float]:
