@@ -99,7 +99,8 @@ def test_large_window_gives_causal_mask():
 # ---- (b) masked full forward == cached incremental decoding with eviction ---------------------------
 @pytest.mark.parametrize("window", [0, 2, 5])
 @pytest.mark.parametrize("cfg", [False, True])
-def test_eviction_decoding_matches_masked_forward(window, cfg):
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_eviction_decoding_matches_masked_forward(window, cfg, sync_every):
     model = tiny_mergear()
     codes, labels, keep = code_grid(GROUPS), torch.tensor([1, 4]), torch.tensor([2, 0])
     mask = mergear_mask(GROUPS, window, P)
@@ -107,7 +108,7 @@ def test_eviction_decoding_matches_masked_forward(window, cfg):
     full_u = model(codes, torch.full_like(labels, model.null_class), keep, mask)
     tmask = token_mask(GROUPS, window)
 
-    dec = MergeARDecoder(model, 2, window, cfg=cfg)
+    dec = MergeARDecoder(model, 2, window, cfg=cfg, sync_every=sync_every)
     pointers = [(c.k.data_ptr(), c.v.data_ptr()) for c in dec.caches]
     calls = []
     model.cls_embedding.register_forward_hook(lambda *_: calls.append(1))
@@ -125,6 +126,8 @@ def test_eviction_decoding_matches_masked_forward(window, cfg):
                 h = dec.decode_one(codes[:, pos], known_group=GROUPS[:, pos])
                 # live entries = the prefix + exactly the keys the mask lets token pos see
                 assert dec.live.sum(1).tolist() == (P + tmask[:, pos].sum(-1)).tolist()
+                # attention spans the slot high-water mark plus fewer than sync_every dead slots
+                assert dec.high <= dec.span < dec.high + sync_every
     assert len(calls) == 1  # the prefix is never recomputed
     assert [(c.k.data_ptr(), c.v.data_ptr()) for c in model.kv_cache] == pointers
 

@@ -46,8 +46,8 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None) -> tuple[float, float]:
     """Feed codes [B, L] through the decoder -> (seconds (device synchronised), mean KV slots attended
-    per query). The raster query at position l attends P + l + 1 slots, the MergeAR one the slot
-    high-water mark."""
+    per query). The raster query at position l attends P + l + 1 slots, the MergeAR one its span
+    (the slot high-water mark, or up to sync_every - 1 more between device reads)."""
     labels = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
     merge = isinstance(decoder, MergeARDecoder)
     attended = 0
@@ -62,7 +62,7 @@ def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None
             decoder.decode_one(codes[:, pos])
         else:
             decoder.decode_one(codes[:, pos], known_group=groups[:, pos])
-        attended += decoder.high if merge else decoder.prefix + pos + 1
+        attended += decoder.span if merge else decoder.prefix + pos + 1
     _sync(codes.device)
     return time.perf_counter() - start, attended / codes.shape[1]
 

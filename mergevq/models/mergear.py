@@ -17,8 +17,10 @@ or forced with ``known_group``) and recorded in the position cache (groups, is_f
 the duplicate that just left the window (token l - w - 1, if not a first occurrence) is evicted and
 token l is fed. KV slot scheme: slot reuse. Each row keeps a boolean map of live slots; a new entry
 takes the lowest free slot of its row, an evicted entry frees its slot, and attention runs over
-slots [0, high-water) with the live map as mask. Keys carry their RoPE position, so this gives the
-same logits as the masked full forward. Between steps a row holds at most P + K + w entries
+slots [0, span) with the live map as mask, span >= the slot high-water mark. Keys carry their RoPE
+position, so this gives the same logits as the masked full forward. The high-water mark lives on the
+device and grows by at most one slot per token, so the host bounds it without waiting for the device
+and re-reads it only every ``sync_every`` tokens (attending over at most sync_every - 1 dead slots). Between steps a row holds at most P + K + w entries
 (K = groups so far); the query's own entry makes P + K + w + 1 while a step attends. The buffers
 have ``max_slots`` slots (default P + L, the no-duplicate worst case), allocated once.
 
@@ -139,12 +141,14 @@ class MergeARDecoder:
     """
 
     def __init__(self, model: GPT, batch: int, window: int, duplicate_rule: str = "adjacent",
-                 cfg: bool = False, max_slots: int | None = None):
+                 cfg: bool = False, max_slots: int | None = None, sync_every: int = 16):
         if duplicate_rule not in DUPLICATE_RULES:
             raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {duplicate_rule!r}")
         self.model, self.batch, self.window, self.rule, self.cfg = model, batch, window, duplicate_rule, cfg
         self.prefix, self.length = model.args.prefix_tokens, model.args.seq_len
         self.max_slots = max_slots or self.prefix + self.length
+        self.sync_every = max(int(sync_every), 1)
+        self.bounded = self.max_slots < self.prefix + self.length  # only then can the cache fill up
         device = model.cls_embedding.weight.device
         self.caches = model.setup_cache(2 * batch if cfg else batch, self.max_slots)
         shape = (batch, self.length)
@@ -155,7 +159,8 @@ class MergeARDecoder:
         self.live = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=device)
         self.rows = torch.arange(batch, device=device)
         self.n_assigned = self.n_fed = 0
-        self.high = 0  # slot high-water mark over rows: attention spans slots [0, high)
+        self.high_device = torch.zeros((), dtype=torch.long, device=device)  # slot high-water mark over rows
+        self.span = 0  # host-side bound of it: attention runs over slots [0, span)
         self.peak_cache = torch.zeros(batch, dtype=torch.long, device=device)  # held between steps
         self.peak_live = torch.zeros(batch, dtype=torch.long, device=device)  # attended by one query
 
@@ -169,7 +174,8 @@ class MergeARDecoder:
             keep = None if keep is None else self._rows(keep)
         h = self.model.prefill(labels, keep)
         self.live[:, : self.prefix] = True
-        self.high = self.prefix
+        self.high_device.fill_(self.prefix)
+        self.span = self.prefix
         self.peak_cache.fill_(self.prefix)
         self.peak_live.fill_(self.prefix)
         return h
@@ -218,15 +224,18 @@ class MergeARDecoder:
             self.slot_of[:, old] = torch.where(evict, -1, self.slot_of[:, old])
         held = self.live.sum(1)
         slot = (~self.live).long().argmax(1)  # lowest free slot of each row
-        if bool(self.live[rows, slot].any()):
+        if self.bounded and bool(self.live[rows, slot].any()):
             raise RuntimeError(f"KV cache of {self.max_slots} slots is full")
         self.live[rows, slot] = True
         self.slot_of[:, pos] = slot
-        self.high = max(self.high, int(slot.max()) + 1)
+        self.high_device = torch.maximum(self.high_device, slot.max() + 1)
+        self.span = min(self.span + 1, self.max_slots)  # the lowest free slot is at most the old mark
+        if (pos + 1) % self.sync_every == 0:
+            self.span = int(self.high_device)
         self.peak_cache = torch.maximum(self.peak_cache, held)
         self.peak_live = torch.maximum(self.peak_live, held + 1)
         h = self.model.decode_one(
-            self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(self.live[:, : self.high])
+            self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(self.live[:, : self.span])
         )
         self.n_fed += 1
         return h
@@ -235,6 +244,11 @@ class MergeARDecoder:
         """assign(code, known_group) then feed() -> h [rows, D] predicting the next token."""
         self.assign(code, known_group)
         return self.feed()
+
+    @property
+    def high(self) -> int:
+        """Slot high-water mark over rows (reads the device)."""
+        return int(self.high_device)
 
     def stats(self) -> dict:
         """peak_cache: most entries held between steps (<= P + K + w); peak_live: most entries one
