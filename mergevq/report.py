@@ -301,26 +301,35 @@ def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def plot_rfid_vs_k(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    rows = [r for r in records if r["kind"] == "tokenizer" and _numeric(r["metrics"].get("rfid")) and _numeric(r["K"])]
-    if not rows:
-        return None
-    _, varying, _, _ = table_columns(rows)
+def plot_lines(series: Mapping[tuple[str, str], Sequence[tuple[float, float]]], path: Path, xlabel: str,
+               ylabel: str, title: str) -> Path:
+    """One line per (run, label) key from its (x, y) points, sorted by x, labelled with the label
+    -> the PNG at path."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for run in dict.fromkeys(r["run"] for r in rows):
-        points = sorted((r["K"], r["metrics"]["rfid"]) for r in rows if r["run"] == run)
-        label = run_label(next(r for r in rows if r["run"] == run), varying)
+    for (_, label), points in series.items():
+        points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
-    untrained = any("(untrained)" in r["features"] for r in rows)
-    ax.set_xlabel("kept tokens K")
-    ax.set_ylabel("rFID" + (" (untrained features)" if untrained else ""))
-    ax.set_title("rFID vs K")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_rfid_vs_k(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    rows = [r for r in records if r["kind"] == "tokenizer" and _numeric(r["metrics"].get("rfid")) and _numeric(r["K"])]
+    if not rows:
+        return None
+    _, varying, _, _ = table_columns(rows)
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        series.setdefault((r["run"], run_label(r, varying)), []).append((r["K"], r["metrics"]["rfid"]))
+    untrained = any("(untrained)" in r["features"] for r in rows)
+    return plot_lines(series, path, "kept tokens K", "rFID" + (" (untrained features)" if untrained else ""), "rFID vs K")
 
 
 def plot_usage_vs_bits(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
@@ -329,24 +338,13 @@ def plot_usage_vs_bits(records: Sequence[Mapping[str, Any]], path: Path) -> Path
     if len({config_value(r["config"], "tokenizer.z_channels") for r in rows}) < 2:
         return None
     _, varying, _, _ = table_columns(rows)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in rows:  # one line per setting other than the bits, across runs
         label = run_label(r, varying, skip=("tokenizer.z_channels",))
         label = f"{label}, K={r['K']}" if label != r["run"] else f"K={r['K']}"
-        series.setdefault(label, []).append((config_value(r["config"], "tokenizer.z_channels"), r["metrics"]["code_usage"]))
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, points in series.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
-    ax.set_xlabel("LFQ bits (codebook 2^bits)")
-    ax.set_ylabel("codebook usage (fraction of codes seen)")
-    ax.set_title("codebook usage vs bits")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        series.setdefault((label, label), []).append((config_value(r["config"], "tokenizer.z_channels"), r["metrics"]["code_usage"]))
+    return plot_lines(series, path, "LFQ bits (codebook 2^bits)", "codebook usage (fraction of codes seen)",
+                      "codebook usage vs bits")
 
 
 def plot_probe_vs_k(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
@@ -355,23 +353,13 @@ def plot_probe_vs_k(records: Sequence[Mapping[str, Any]], path: Path) -> Path | 
     if not rows or not names:
         return None
     _, varying, _, _ = table_columns(rows)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for run in dict.fromkeys(r["run"] for r in rows):
-        mine = [r for r in rows if r["run"] == run]
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in rows:
         for name in names:
-            points = sorted((r["K"], r["metrics"][name]) for r in mine if _numeric(r["metrics"].get(name)))
-            if points:
-                ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-",
-                        label=f"{run_label(mine[0], varying)} {name.removesuffix('_top1')}")
-    ax.set_xlabel("kept tokens K")
-    ax.set_ylabel("linear-probe top-1 (%)")
-    ax.set_title("linear probe vs K")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+            if _numeric(r["metrics"].get(name)):
+                label = f"{run_label(r, varying)} {name.removesuffix('_top1')}"
+                series.setdefault((r["run"], label), []).append((r["K"], 100 * r["metrics"][name]))
+    return plot_lines(series, path, "kept tokens K", "linear-probe top-1 (%)", "linear probe vs K")
 
 
 def write_report(records: Sequence[Mapping[str, Any]], out: str | Path, source: str | Path = "") -> dict[str, Path]:
