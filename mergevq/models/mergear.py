@@ -20,9 +20,10 @@ takes the lowest free slot of its row, an evicted entry frees its slot, and atte
 slots [0, span) with the live map as mask, span >= the slot high-water mark. Keys carry their RoPE
 position, so this gives the same logits as the masked full forward. The high-water mark lives on the
 device and grows by at most one slot per token, so the host bounds it without waiting for the device
-and re-reads it only every ``sync_every`` tokens (attending over at most sync_every - 1 dead slots). Between steps a row holds at most P + K + w entries
-(K = groups so far); the query's own entry makes P + K + w + 1 while a step attends. The buffers
-have ``max_slots`` slots (default P + L, the no-duplicate worst case), allocated once.
+and re-reads it only every ``sync_every`` tokens (attending over at most sync_every - 1 dead slots).
+Between steps a row holds at most P + K + w entries (K = groups so far); the query's own entry makes
+P + K + w + 1 while a step attends. The buffers have ``max_slots`` slots (default P + L, the
+no-duplicate worst case), allocated once.
 
 Duplicate rules (the paper only says "check duplication"; all are config options):
   'adjacent' (default): token l joins the group of its left neighbour (same row) if their codes are
