@@ -254,3 +254,31 @@ def table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[dict], 
 
 def mib(n: int | float | None) -> float | None:
     return None if n is None else n / 2**20
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> dict[str, Any]:
+    """Peak memory of one call of fn above the resident state before it (weights, optimizer state,
+    inputs): peak_bytes, baseline_bytes, step_peak_bytes (the difference) and memory_method."""
+    sync(device)
+    if device == "cuda":
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        strict = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+        trimmed = malloc_trim()
+        reset = reset_peak_rss()
+        baseline = rss_bytes()
+        fn()
+        peak = peak_rss_bytes()
+        if not reset:
+            method = "ru_maxrss (no clear_refs: includes the warm-up step)"
+        elif strict:
+            method = "VmHWM, glibc mmap threshold 64 KiB"
+        else:
+            method = "VmHWM after malloc_trim" if trimmed else "VmHWM"
+    return {"peak_bytes": peak, "baseline_bytes": baseline, "step_peak_bytes": peak - baseline,
+            "memory_method": method}

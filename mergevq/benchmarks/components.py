@@ -23,25 +23,10 @@ from . import common, reference
 from .common import model_configs
 
 
-def _peak(fn, device: str) -> int:
-    common.sync(device)
-    if device == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    common.malloc_trim()
-    common.reset_peak_rss()
-    base = common.rss_bytes()
-    fn()
-    return common.peak_rss_bytes() - base
-
-
 def _measure(name: str, variant: str, shape: str, fast, literal, device: str, repeats: int) -> dict[str, Any]:
     row: dict[str, Any] = {"component": name, "variant": variant, "shape": shape}
     for path, fn in (("fast", fast), ("reference", literal)):
-        row[f"{path}_peak_bytes"] = _peak(fn, device)  # also the warm-up call
+        row[f"{path}_peak_bytes"] = common.peak_memory(fn, device)["step_peak_bytes"]  # also the warm-up call
         row[f"{path}_s"] = min(common.time_calls(fn, device, repeats, warmup=0))
     row["speedup"] = row["reference_s"] / row["fast_s"]
     ref_peak = row["reference_peak_bytes"]

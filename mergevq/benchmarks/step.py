@@ -105,39 +105,12 @@ def measure(options: dict[str, Any]) -> dict[str, Any]:
         result["losses"] = step()  # warm-up: Adam state, allocator and kernel caches; FLOPs counted here
     result["flops"] = counter.get_total_flops()
     if mode in ("memory", "both"):
-        result.update(memory_step(step, device))
+        result.update(common.peak_memory(step, device))
     if mode in ("time", "both"):
         times = common.time_calls(step, device, repeats=options.get("repeats", 2), warmup=options.get("warmup", 0))
         result.update(common.summary(times))
         result["images_per_s"] = info["batch"] / result["min_s"]  # best of n (shared CPUs are noisy)
     return result
-
-
-def memory_step(step, device: str) -> dict[str, Any]:
-    """Peak memory of one step above the resident state (weights, Adam state, inputs)."""
-    common.sync(device)
-    if device == "cuda":
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        method = "torch.cuda.max_memory_allocated"
-    else:
-        strict = all(os.environ.get(k) == v for k, v in common.MALLOC_ENV.items())
-        trimmed = common.malloc_trim()
-        reset = common.reset_peak_rss()
-        baseline = common.rss_bytes()
-        step()
-        peak = common.peak_rss_bytes()
-        if not reset:
-            method = "ru_maxrss (no clear_refs: includes the warm-up step)"
-        elif strict:
-            method = "VmHWM, glibc mmap threshold 64 KiB"
-        else:
-            method = "VmHWM after malloc_trim" if trimmed else "VmHWM"
-    return {"peak_bytes": peak, "baseline_bytes": baseline, "step_peak_bytes": peak - baseline,
-            "memory_method": method}
 
 
 def run_subprocess(options: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
