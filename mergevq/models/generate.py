@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergevq.models.gpt import GPT
+from mergevq.models.gpt import GPT, GuidedDecoder
 from mergevq.models.mergear import MergeARDecoder
 
 
@@ -54,7 +54,7 @@ def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-class RasterDecoder:
+class RasterDecoder(GuidedDecoder):
     """Plain raster decoding (LlamaGen): token l's K/V go to slot P + l; every query sees everything
     before it. Same interface as ``MergeARDecoder`` (prefill, assign, feed, decode_one, stats)."""
 
@@ -66,14 +66,8 @@ class RasterDecoder:
         self.codes = torch.zeros(batch, self.length, dtype=torch.long, device=device)
         self.n_assigned = self.n_fed = 0
 
-    def _rows(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x]) if self.cfg else x
-
     def prefill(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
-        if self.cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.model.null_class)])
-            keep = None if keep is None else self._rows(keep)
-        return self.model.prefill(labels, keep)
+        return self._prefill(labels, keep)
 
     def assign(self, code: Tensor, known_group: Tensor | None = None) -> Tensor:
         self.codes[:, self.n_assigned] = code

@@ -464,6 +464,26 @@ class GPT(nn.Module):
         return x[:, 0]
 
 
+class GuidedDecoder:
+    """Base of the incremental decoders (raster, MergeAR): with ``cfg`` the model runs 2B rows
+    [cond; uncond] that share the sampled tokens, the uncond half conditioned on the null class.
+    Subclasses set ``model`` and ``cfg``."""
+
+    model: GPT
+    cfg: bool
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """x [B, ...] -> [2B, ...] (twice) with CFG, else x."""
+        return torch.cat([x, x]) if self.cfg else x
+
+    def _prefill(self, labels: Tensor, keep: Tensor | None) -> Tensor:
+        """labels [B], keep [B] or None -> h [rows, D] predicting token 0."""
+        if self.cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.model.null_class)])
+            keep = None if keep is None else self._rows(keep)
+        return self.model.prefill(labels, keep)
+
+
 def build_gpt(size: str = "b", **overrides) -> GPT:
     """GPT of a registered size (see ``GPT_SIZES``) with ModelArgs overrides."""
     return GPT(gpt_args(size, **overrides))

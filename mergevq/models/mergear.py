@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from mergevq.models.gpt import GPT, ModelArgs
+from mergevq.models.gpt import GPT, GuidedDecoder, ModelArgs
 from mergevq.models.tokens import Tokens
 
 DUPLICATE_RULES = ("adjacent", "same_code_any", "none")
@@ -131,7 +131,7 @@ def mergear_batch(tokens: Tokens, config: MergeARConfig, prefix: int = 2) -> dic
     return {"codes": codes, "keep": keep, "mask": mergear_mask(tokens.groups, config.window, prefix)}
 
 
-class MergeARDecoder:
+class MergeARDecoder(GuidedDecoder):
     """Incremental MergeAR decoding with a position cache and KV eviction (see the module docstring).
 
     batch B sequences; with cfg=True the model runs 2B rows [cond; uncond] that share the tokens,
@@ -165,15 +165,9 @@ class MergeARDecoder:
         self.peak_cache = torch.zeros(batch, dtype=torch.long, device=device)  # held between steps
         self.peak_live = torch.zeros(batch, dtype=torch.long, device=device)  # attended by one query
 
-    def _rows(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x]) if self.cfg else x
-
     def prefill(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
         """labels [B], keep [B] -> h [rows, D] predicting token 0 (uncond rows use the null class)."""
-        if self.cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.model.null_class)])
-            keep = None if keep is None else self._rows(keep)
-        h = self.model.prefill(labels, keep)
+        h = self._prefill(labels, keep)
         self.live[:, : self.prefix] = True
         self.high_device.fill_(self.prefix)
         self.span = self.prefix
