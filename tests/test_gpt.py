@@ -10,7 +10,8 @@ from mergevq.models.generate import (
     sample_logits,
     top_k_top_p_filter,
 )
-from mergevq.models.gpt import GPT, GPT_SIZES, ModelArgs, apply_rope, build_gpt, rope_2d
+from mergevq.models.gpt import GPT, GPT_SIZES, ModelArgs, build_gpt
+from mergevq.models.rope import apply_rope, rope_2d
 from mergevq.models.lfq import join_codes, split_codes
 
 # Measured by building the official taming/modules/transformer/gpt.py (ApexGen-X/MergeVQ @ 5267198)

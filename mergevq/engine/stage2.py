@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.code_cache import CodeCache
+from ..data.code_cache import CodeCache, training_items
 from ..models.blocks import set_activation_checkpointing
 from ..models.gpt import GPT, gpt_args
-from ..models.mergear import MergeARConfig, keep_index, mergear_mask
+from ..models.mergear import MergeARConfig, mergear_inputs
 from .ema import EMA
 from .runner import (
     SeededItems,
@@ -66,8 +66,9 @@ def generator_setup(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[GP
     if generator["kind"] != "mergear":
         raise ValueError(f"generator.kind={generator['kind']!r}: use raster or mergear")
     keep_options = generator.get("keep_options") or meta.get("keep", {}).get("choices") or meta["keeps"]
-    mergear = MergeARConfig(window=generator["window"], keep_options=tuple(keep_options),
-                            duplicate_rule=generator.get("duplicate_rule", "adjacent"))
+    # keys a stored config lacks keep MergeARConfig's defaults: those of the runs made before them
+    options = {k: generator[k] for k in ("duplicate_rule", "mask_groups", "copy_head") if generator.get(k) is not None}
+    mergear = MergeARConfig(window=generator["window"], keep_options=tuple(keep_options), **options)
     return GPT(mergear.model_args(args)), mergear
 
 
@@ -78,8 +79,9 @@ class ARTrainingModel(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, codes, labels, keep=None, mask=None, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-        return self.gpt.loss(codes, labels, keep, mask, label_smoothing=label_smoothing)
+    def forward(self, codes, labels, keep=None, mask=None, label_smoothing: float = 0.0,
+                copy_target=None) -> dict[str, torch.Tensor]:
+        return self.gpt.loss(codes, labels, keep, mask, label_smoothing=label_smoothing, copy_target=copy_target)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -101,7 +103,7 @@ class Stage2Trainer(Trainer):
         self.cache = CodeCache(cfg["codes"])
         acc = build_accelerator(cfg["backend"])
         session.attach(acc)
-        self.setup_loop(acc, SeededItems(self.cache, cfg["seed"]), "the code cache")
+        self.setup_loop(acc, SeededItems(training_items(self.cache), cfg["seed"]), "the code cache")
         model, self.mergear = generator_setup(cfg, {**self.cache.meta, **cache_contents(self.cache)})
         set_activation_checkpointing(model, bool(train.get("activation_checkpointing", False)))
         compile_in_place([model], cfg["backend"].get("compile", False))
@@ -130,12 +132,13 @@ class Stage2Trainer(Trainer):
         return {"loss": f"{logs['loss']:.4f}", "tok_s": f"{logs[self.throughput]:.0f}"}
 
     def batch_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Cache items -> GPT.loss inputs: targets are per-position codes; MergeAR adds [M] and its mask."""
+        """Cache items -> GPT.loss inputs: targets are per-position codes; MergeAR adds [M], its mask
+        and the copy targets (``mergear_inputs``)."""
         device = self.acc.device
         inputs = {"codes": batch["grid_codes"].to(device), "labels": batch["label"].to(device)}
         if self.mergear is not None:
-            inputs["keep"] = keep_index(batch["keep"], self.mergear.keep_options).to(device)
-            inputs["mask"] = mergear_mask(batch["groups"].to(device), self.mergear.window, prefix=2)
+            inputs.update(mergear_inputs(inputs["codes"], batch["groups"].to(device), batch["keep"].to(device),
+                                         self.mergear))
         return inputs
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:

@@ -6,11 +6,25 @@ is [C] [M] e(t_0) .. e(t_{L-2}) (P = 2 prefix tokens): [M], the merge instructio
 of the keep count K, stored as an index into a list of ``keep_options`` (K must be one of them;
 the index, not K itself, is what the model sees, so an option list is part of a checkpoint).
 
+Groups of a sequence (``sequence_groups``). One rule decides them for the training mask, the copy
+targets and the inference position cache: with ``mask_groups='codes'`` (default) a token starts a
+group iff no earlier token has its code, else it joins the group of the first token with that code
+(``code_groups``; the inference rule 'same_code_any' is the same function applied token by token, so
+a model fed the true sequence rebuilds the training mask exactly). ``mask_groups='tokenizer'`` uses
+the tokenizer's groups instead (the official source matrix; two groups may share a code, and no
+inference rule can rebuild them from the codes alone).
+
 Mask (input index P + l holds token l, see ``gpt.py``): the query holding token l may attend to
 the key holding token m iff m == l, or l - w <= m < l (the w most recent tokens), or m < l is the
 first occurrence of its group (rep(m) == m, rep = smallest raster index of the group). Prefix keys
 are always visible, prefix queries are causal. Later duplicates that left the window are hidden,
 i.e. evicted from the KV cache at inference.
+
+Copy decision (``copy_head``): a pointer head (``gpt.CopyHead``) scores "new group" against every
+earlier first occurrence, trained with cross-entropy on the groups above (``copy_targets``). At
+inference a copy sets the token's code to the copied group's code; "new" samples a code that no
+group has yet. ``budget`` (generate.py) can force either decision so that a sample opens exactly K
+groups.
 
 Inference (``MergeARDecoder``): after token l is sampled its group is decided (``duplicate_rule``,
 or forced with ``known_group``) and recorded in the position cache (groups, is_first, codes); then
@@ -25,12 +39,12 @@ Between steps a row holds at most P + K + w entries (K = groups so far); the que
 P + K + w + 1 while a step attends. The buffers have ``max_slots`` slots (default P + L, the
 no-duplicate worst case), allocated once.
 
-Duplicate rules (the paper only says "check duplication"; all are config options):
-  'adjacent' (default): token l joins the group of its left neighbour (same row) if their codes are
-      equal, else that of its upper neighbour if their codes are equal, else it starts a group
-      (a group shares one code, so this compares with the cached first occurrence of the
-      neighbour's group; groups can only grow rightwards and downwards under this rule).
-  'same_code_any': it joins the earliest group whose first occurrence has the same code.
+Duplicate rules (used when the sampler does not decide the group itself, i.e. ``budget='off'``):
+  'same_code_any' (default): token l joins the group of the first token with the same code (equal
+      to the training groups of ``mask_groups='codes'``).
+  'adjacent': it joins the group of its left neighbour (same row) if their codes are equal, else
+      that of its upper neighbour if their codes are equal, else it starts a group. ToMe groups are
+      not contiguous, so this opens more groups than the data has (the pre-copy-head default).
   'none': every token starts its own group (no eviction: the raster baseline).
 """
 
@@ -42,10 +56,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from mergevq.models.gpt import GPT, GuidedDecoder, ModelArgs
+from mergevq.models.decoders import GuidedDecoder
+from mergevq.models.gpt import GPT, ModelArgs
 from mergevq.models.tokens import Tokens
 
-DUPLICATE_RULES = ("adjacent", "same_code_any", "none")
+DUPLICATE_RULES = ("same_code_any", "adjacent", "none")
+MASK_GROUPS = ("codes", "tokenizer")
 
 
 @dataclass
@@ -54,12 +70,18 @@ class MergeARConfig:
 
     window: recent-window size w (the figure uses 2; default: one row of the 16 x 16 grid).
     keep_options: the keep counts K the merge-instruction table covers (index i <-> keep_options[i]).
-    duplicate_rule: how inference decides that a sampled token duplicates an existing group.
+    duplicate_rule: how inference decides that a sampled token duplicates an existing group when the
+        sampler does not decide it (budget off).
+    mask_groups: 'codes' (groups from code equality, as inference sees them) or 'tokenizer'.
+    copy_head: train and use the explicit copy decision (pointer head).
+    The defaults of a config that lacks a key are those of checkpoints made before the key existed.
     """
 
     window: int = 16
     keep_options: tuple[int, ...] = (256,)
     duplicate_rule: str = "adjacent"
+    mask_groups: str = "tokenizer"
+    copy_head: bool = False
 
     def __post_init__(self):
         self.keep_options = tuple(int(k) for k in self.keep_options)
@@ -67,10 +89,13 @@ class MergeARConfig:
             raise ValueError(f"window must be >= 0, got {self.window}")
         if self.duplicate_rule not in DUPLICATE_RULES:
             raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {self.duplicate_rule!r}")
+        if self.mask_groups not in MASK_GROUPS:
+            raise ValueError(f"mask_groups must be one of {MASK_GROUPS}, got {self.mask_groups!r}")
+        self.copy_head = bool(self.copy_head)
 
     def model_args(self, base: ModelArgs) -> ModelArgs:
-        """base with the [C] [M] prefix and a merge-instruction table of len(keep_options) rows."""
-        return replace(base, prefix_tokens=2, num_keep_options=len(self.keep_options))
+        """base with the [C] [M] prefix, a merge-instruction table of len(keep_options) rows and the copy head."""
+        return replace(base, prefix_tokens=2, num_keep_options=len(self.keep_options), copy_head=self.copy_head)
 
 
 def representative(groups: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,6 +112,27 @@ def representative(groups: Tensor) -> tuple[Tensor, Tensor]:
     first = first.scatter_reduce(1, groups, index, reduce="amin")
     rep = first.gather(1, groups)
     return rep, rep == index
+
+
+def code_groups(codes: Tensor) -> Tensor:
+    """codes [B, L] -> groups [B, L]: the raster index of the first token with the same code
+    (so a group's id is its representative, as the inference position cache numbers them)."""
+    same = codes[:, :, None] == codes[:, None, :]
+    return same.to(torch.uint8).argmax(-1)  # first True along m (there is one: m == l)
+
+
+def sequence_groups(codes: Tensor, groups: Tensor, mask_groups: str = "codes") -> Tensor:
+    """The groups MergeAR trains on: code_groups(codes) ('codes') or the tokenizer's groups [B, L]."""
+    if mask_groups not in MASK_GROUPS:
+        raise ValueError(f"mask_groups must be one of {MASK_GROUPS}, got {mask_groups!r}")
+    return code_groups(codes) if mask_groups == "codes" else groups
+
+
+def copy_targets(groups: Tensor) -> Tensor:
+    """groups [B, L] -> copy-decision targets [B, L] int64: 0 where a token starts a group, 1 + rep(l)
+    (copy the group first seen at rep(l)) where it duplicates one (column layout of ``GPT.copy_logits``)."""
+    rep, is_first = representative(groups)
+    return torch.where(is_first, 0, rep + 1)
 
 
 def token_mask(groups: Tensor, window: int) -> Tensor:
@@ -123,12 +169,24 @@ def keep_index(keep: int | Sequence[int] | Tensor, keep_options: Sequence[int]) 
     return match.long().argmax(-1)
 
 
+def mergear_inputs(codes: Tensor, groups: Tensor, keep: Tensor, config: MergeARConfig, prefix: int = 2) -> dict[str, Tensor]:
+    """codes [B, L] (per-position code grid), groups [B, L] (tokenizer groups), keep [B] (K) ->
+    the MergeAR inputs of ``GPT.loss``: keep (merge-instruction index), mask [B, T, T] and, with a
+    copy head, copy_target [B, L]. The groups come from ``sequence_groups(config.mask_groups)``."""
+    groups = sequence_groups(codes, groups, config.mask_groups)
+    out = {"keep": keep_index(keep, config.keep_options).to(codes.device),
+           "mask": mergear_mask(groups, config.window, prefix)}
+    if config.copy_head:
+        out["copy_target"] = copy_targets(groups)
+    return out
+
+
 def mergear_batch(tokens: Tokens, config: MergeARConfig, prefix: int = 2) -> dict[str, Tensor]:
-    """Training inputs for ``GPT.loss(labels=..., **batch)``: codes [B, L] (y_l = code of l's group),
-    keep [B] (merge-instruction index of K = tokens.keep) and the MergeAR mask [B, T, T]."""
+    """Training inputs for ``GPT.loss(labels=..., **batch)`` from encoded tokens: codes [B, L]
+    (y_l = code of l's group) plus ``mergear_inputs``."""
     codes = tokens.code_grid()
-    keep = keep_index(tokens.keep, config.keep_options).to(codes.device).expand(codes.shape[0])
-    return {"codes": codes, "keep": keep, "mask": mergear_mask(tokens.groups, config.window, prefix)}
+    keep = torch.as_tensor(tokens.keep, device=codes.device).expand(codes.shape[0])
+    return {"codes": codes, **mergear_inputs(codes, tokens.groups, keep, config, prefix)}
 
 
 class MergeARDecoder(GuidedDecoder):
@@ -139,9 +197,11 @@ class MergeARDecoder(GuidedDecoder):
     (-1 = no live entry); live [B, max_slots] bool.
     Use: h = prefill(labels, keep); then per token: h = decode_one(code) (decides the group of the
     token, evicts, feeds it); ``assign`` alone decides the group of a token that is never fed.
+    With a copy head, ``copy_logits(h)`` scores "new" against the first occurrences so far; the keys
+    of fed tokens are kept in copy_keys [B, L, Dh] (cond rows).
     """
 
-    def __init__(self, model: GPT, batch: int, window: int, duplicate_rule: str = "adjacent",
+    def __init__(self, model: GPT, batch: int, window: int, duplicate_rule: str = "same_code_any",
                  cfg: bool = False, max_slots: int | None = None, sync_every: int = 16):
         if duplicate_rule not in DUPLICATE_RULES:
             raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {duplicate_rule!r}")
@@ -164,6 +224,11 @@ class MergeARDecoder(GuidedDecoder):
         self.span = 0  # host-side bound of it: attention runs over slots [0, span)
         self.peak_cache = torch.zeros(batch, dtype=torch.long, device=device)  # held between steps
         self.peak_live = torch.zeros(batch, dtype=torch.long, device=device)  # attended by one query
+        self.open_groups = torch.zeros(batch, dtype=torch.long, device=device)
+        self.copy_keys = None
+        if model.copy_head is not None:
+            self.copy_keys = torch.zeros(batch, self.length, model.args.head_dim, device=device,
+                                         dtype=model.cls_embedding.weight.dtype)
 
     def prefill(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
         """labels [B], keep [B] -> h [rows, D] predicting token 0 (uncond rows use the null class)."""
@@ -203,6 +268,7 @@ class MergeARDecoder(GuidedDecoder):
                 same = seen_codes[:, m] == code
                 group, dup = torch.where(same, seen_groups[:, m], group), dup | same
         self.codes[:, pos], self.groups[:, pos], self.is_first[:, pos] = code, group, ~dup
+        self.open_groups += ~dup
         self.n_assigned += 1
         return ~dup
 
@@ -232,8 +298,19 @@ class MergeARDecoder(GuidedDecoder):
         h = self.model.decode_one(
             self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(self.live[:, : self.span])
         )
+        if self.copy_keys is not None:
+            rope = self.model.rope[self.prefix + pos : self.prefix + pos + 1]
+            self.copy_keys[:, pos] = self.model.copy_head.keys(h[: self.batch, None], rope)[:, 0]
         self.n_fed += 1
         return h
+
+    def copy_logits(self, h: Tensor) -> Tensor:
+        """h [rows, D] predicting token l = n_assigned -> [B, 1 + l] logits (cond rows): column 0 "new
+        group", 1 + m "copy the group first seen at m" (-inf where m is not a first occurrence)."""
+        pos = self.n_assigned
+        rope = self.model.rope[self.prefix + pos : self.prefix + pos + 1]
+        allowed = self.is_first[:, None, :pos]
+        return self.model.copy_head.logits(h[: self.batch, None], rope, self.copy_keys[:, :pos], allowed)[:, 0]
 
     def decode_one(self, code: Tensor, known_group: Tensor | None = None) -> Tensor:
         """assign(code, known_group) then feed() -> h [rows, D] predicting the next token."""
