@@ -30,7 +30,7 @@ def code_log_probs(model: GPT, h: Tensor, codes: Tensor, cfg: bool, guide: bool,
     h [rows, D] (rows = 2B with CFG: [cond; uncond]), codes [B, S] -> [B, S] float32 (top-k/top-p
     are not applied: they shape the code sample, not the copy decision)."""
     batch, count = codes.shape
-    total = torch.zeros(batch, count, device=h.device)
+    total = torch.zeros(batch, count, device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
     if count == 0:
         return total
     parts = model.split(codes)

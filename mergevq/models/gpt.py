@@ -165,15 +165,15 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, k: Tensor, v: Tensor, slots: slice | Tensor, span: int) -> tuple[Tensor, Tensor]:
-        """k, v [B, H, T, Dh]; slots: a slice of T slots shared by all rows, or [B] int64 (T = 1)."""
+        """k, v [B, H, T, Dh]; slots: a slice of T slots shared by all rows, or (T = 1) a scatter index
+        [B, H, 1, Dh] int64 holding each row's slot (``slot_index``)."""
         b = k.shape[0]
         if b > self.k.shape[0] or span > self.k.shape[2]:
             raise ValueError(f"cache of {tuple(self.k.shape[:3:2])} (batch, slots) is too small for "
                              f"batch {b}, span {span}")
         if isinstance(slots, Tensor):
-            rows = torch.arange(b, device=k.device)
-            self.k[rows, :, slots] = k[:, :, 0]
-            self.v[rows, :, slots] = v[:, :, 0]
+            self.k[:b].scatter_(2, slots, k)
+            self.v[:b].scatter_(2, slots, v)
         else:
             self.k[:b, :, slots] = k
             self.v[:b, :, slots] = v
@@ -477,8 +477,12 @@ class GPT(nn.Module):
         rope = self.rope[p + pos : p + pos + 1]
         if slots is None:
             slots, span, mask = slice(p + pos, p + pos + 1), p + pos + 1, None
-        else:
-            span, mask = live.shape[1], live[:, None, None, :]
+        else:  # one scatter index and one additive mask for all layers
+            b, (n_head, head_dim) = codes.shape[0], (self.args.n_head, self.args.head_dim)
+            slots = slots.view(b, 1, 1, 1).expand(b, n_head, 1, head_dim)
+            span = live.shape[1]
+            mask = torch.zeros(live.shape, dtype=x.dtype, device=x.device).masked_fill_(~live, float("-inf"))
+            mask = mask[:, None, None, :]
         for layer, cache in zip(self.layers, self._caches()):
             x = layer(x, rope, mask, cache, slots, span)
         return x[:, 0]

@@ -29,12 +29,13 @@ groups.
 Inference (``MergeARDecoder``): after token l is sampled its group is decided (``duplicate_rule``,
 or forced with ``known_group``) and recorded in the position cache (groups, is_first, codes); then
 the duplicate that just left the window (token l - w - 1, if not a first occurrence) is evicted and
-token l is fed. KV slot scheme: slot reuse. Each row keeps a boolean map of live slots; a new entry
-takes the lowest free slot of its row, an evicted entry frees its slot, and attention runs over
-slots [0, span) with the live map as mask, span >= the slot high-water mark. Keys carry their RoPE
-position, so this gives the same logits as the masked full forward. The high-water mark lives on the
-device and grows by at most one slot per token, so the host bounds it without waiting for the device
-and re-reads it only every ``sync_every`` tokens (attending over at most sync_every - 1 dead slots).
+token l is fed. KV slot scheme: slot reuse. One token enters per step and at most one leaves, so the
+new entry takes the slot of the duplicate that leaves, or else the next fresh slot: the live slots of
+a row are always [0, used), attention runs over slots [0, span) with span >= max(used) and the mask
+slot < used. Keys carry their RoPE position, so which slot holds an entry does not matter and this
+gives the same logits as the masked full forward. ``used`` lives on the device and grows by at most
+one per token, so the host bounds it without waiting for the device and re-reads it only every
+``sync_every`` tokens (attending over at most sync_every - 1 dead slots).
 Between steps a row holds at most P + K + w entries (K = groups so far); the query's own entry makes
 P + K + w + 1 while a step attends. The buffers have ``max_slots`` slots (default P + L, the
 no-duplicate worst case), allocated once.
@@ -194,7 +195,7 @@ class MergeARDecoder(GuidedDecoder):
 
     batch B sequences; with cfg=True the model runs 2B rows [cond; uncond] that share the tokens,
     groups and slots. State (all [B, L]): codes, groups (-1 = not yet decided), is_first, slot_of
-    (-1 = no live entry); live [B, max_slots] bool.
+    (-1 = not fed; an evicted token's slot holds a later token); used [B] (live slots [0, used)).
     Use: h = prefill(labels, keep); then per token: h = decode_one(code) (decides the group of the
     token, evicts, feeds it); ``assign`` alone decides the group of a token that is never fed.
     With a copy head, ``copy_logits(h)`` scores "new" against the first occurrences so far; the keys
@@ -217,12 +218,11 @@ class MergeARDecoder(GuidedDecoder):
         self.groups = torch.full(shape, -1, dtype=torch.long, device=device)
         self.is_first = torch.zeros(shape, dtype=torch.bool, device=device)
         self.slot_of = torch.full(shape, -1, dtype=torch.long, device=device)
-        self.live = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=device)
+        self.used = torch.zeros(batch, dtype=torch.long, device=device)  # live slots of a row: [0, used)
+        self.slot_range = torch.arange(self.max_slots, device=device)
         self.rows = torch.arange(batch, device=device)
         self.n_assigned = self.n_fed = 0
-        self.high_device = torch.zeros((), dtype=torch.long, device=device)  # slot high-water mark over rows
-        self.span = 0  # host-side bound of it: attention runs over slots [0, span)
-        self.peak_cache = torch.zeros(batch, dtype=torch.long, device=device)  # held between steps
+        self.span = 0  # host-side bound of max(used): attention runs over slots [0, span)
         self.peak_live = torch.zeros(batch, dtype=torch.long, device=device)  # attended by one query
         self.open_groups = torch.zeros(batch, dtype=torch.long, device=device)
         self.copy_keys = None
@@ -233,10 +233,8 @@ class MergeARDecoder(GuidedDecoder):
     def prefill(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
         """labels [B], keep [B] -> h [rows, D] predicting token 0 (uncond rows use the null class)."""
         h = self._prefill(labels, keep)
-        self.live[:, : self.prefix] = True
-        self.high_device.fill_(self.prefix)
+        self.used.fill_(self.prefix)
         self.span = self.prefix
-        self.peak_cache.fill_(self.prefix)
         self.peak_live.fill_(self.prefix)
         return h
 
@@ -274,30 +272,26 @@ class MergeARDecoder(GuidedDecoder):
 
     def feed(self) -> Tensor:
         """Evict the duplicate leaving the window and feed the next assigned token -> h [rows, D]."""
-        pos, rows = self.n_fed, self.rows
+        pos = self.n_fed
         if pos >= self.n_assigned:
             raise RuntimeError("assign the token before feeding it")
         old = pos - self.window - 1
-        if old >= 0:
-            evict = ~self.is_first[:, old] & (self.slot_of[:, old] >= 0)
-            slot = self.slot_of[:, old].clamp_min(0)
-            self.live[rows, slot] &= ~evict
-            self.slot_of[:, old] = torch.where(evict, -1, self.slot_of[:, old])
-        held = self.live.sum(1)
-        slot = (~self.live).long().argmax(1)  # lowest free slot of each row
-        if self.bounded and bool(self.live[rows, slot].any()):
-            raise RuntimeError(f"KV cache of {self.max_slots} slots is full")
-        self.live[rows, slot] = True
+        if old >= 0:  # the new entry takes the slot of the duplicate that leaves, else a fresh one
+            evict = ~self.is_first[:, old]
+            slot = torch.where(evict, self.slot_of[:, old], self.used)
+            self.used += ~evict
+        else:
+            slot = self.used.clone()
+            self.used += 1
         self.slot_of[:, pos] = slot
-        self.high_device = torch.maximum(self.high_device, slot.max() + 1)
-        self.span = min(self.span + 1, self.max_slots)  # the lowest free slot is at most the old mark
-        if (pos + 1) % self.sync_every == 0:
-            self.span = int(self.high_device)
-        self.peak_cache = torch.maximum(self.peak_cache, held)
-        self.peak_live = torch.maximum(self.peak_live, held + 1)
-        h = self.model.decode_one(
-            self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(self.live[:, : self.span])
-        )
+        self.span += 1  # live slots are [0, used) and used grows by at most one per token
+        if self.span > self.max_slots or (pos + 1) % self.sync_every == 0:
+            self.span = int(self.used.max())
+            if self.span > self.max_slots:
+                raise RuntimeError(f"KV cache of {self.max_slots} slots is full")
+        self.peak_live = torch.maximum(self.peak_live, self.used)
+        live = self.slot_range[: self.span] < self.used[:, None]
+        h = self.model.decode_one(self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(live))
         if self.copy_keys is not None:
             rope = self.model.rope[self.prefix + pos : self.prefix + pos + 1]
             self.copy_keys[:, pos] = self.model.copy_head.keys(h[: self.batch, None], rope)[:, 0]
@@ -318,9 +312,19 @@ class MergeARDecoder(GuidedDecoder):
         return self.feed()
 
     @property
+    def live(self) -> Tensor:
+        """[B, max_slots] bool: the slots holding live entries (prefix, first occurrences, the window)."""
+        return self.slot_range < self.used[:, None]
+
+    @property
     def high(self) -> int:
         """Slot high-water mark over rows (reads the device)."""
-        return int(self.high_device)
+        return int(self.used.max())
+
+    @property
+    def peak_cache(self) -> Tensor:
+        """[B] most entries each row held between steps (<= P + K + w); the query's own makes one more."""
+        return (self.peak_live - 1).clamp_min(self.prefix)
 
     def stats(self) -> dict:
         """peak_cache: most entries held between steps (<= P + K + w); peak_live: most entries one
