@@ -197,9 +197,10 @@ class RunSession:
                 continue  # unreadable: resume() falls back past it
             check_format(state, path)
             stored = stored_run_config(state)
-            if stored.get("task", self.config.get("task")) != self.config.get("task"):
+            task = stored.get("task") or ("train_ar" if "gpt" in state.get("models", []) else "train_tokenizer")
+            if task != self.config.get("task"):
                 raise CheckpointError(
-                    f"resume={path} is a checkpoint of {stored.get('task')} (models {', '.join(state.get('models', []))}); "
+                    f"resume={path} is a checkpoint of {task} (models {', '.join(state.get('models', []))}); "
                     f"this is {self.config.get('task')}: resume from one of its own runs, or set resume=never")
             allowed, refused = resume_changes(stored, self.config)
             if refused:
