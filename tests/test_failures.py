@@ -344,3 +344,28 @@ def test_hub_config_with_unknown_keys_or_target_is_refused(tmp_path):
         (folder / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
             from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_two_real_processes_on_one_run_dir(tmp_path):
+    """A second training process on a busy run directory exits 2 with one line naming the first."""
+    import subprocess
+    import sys
+    import time
+
+    from test_train_tokenizer import cli, describe, subprocess_env
+
+    env = subprocess_env(MERGEVQ_RUN_DIR=str(tmp_path / "run"))
+    first = subprocess.Popen([sys.executable, "-m", "mergevq.train_tokenizer", *TOKENIZER, "train.max_steps=100000"],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "run" / "config.yaml").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        second = cli("-m", "mergevq.train_tokenizer", *TOKENIZER, cwd=tmp_path, env=env)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, describe(second)
+        assert f"pid {first.pid}" in lines[0] and "in use by another run" in lines[0]
+    finally:
+        first.kill()
+        first.wait()

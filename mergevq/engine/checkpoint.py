@@ -33,9 +33,7 @@ saves) so stale ``.tmp`` dirs from a crashed run cannot leak files into a new ch
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -50,6 +48,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .integrity import read_checked as _read
+from .integrity import sha256_file, verify_files
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
@@ -57,9 +57,6 @@ OPTIM_FILE = "optim.pt"
 _FINAL_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_\d+\.tmp")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -86,15 +83,6 @@ def fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -444,32 +432,6 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         have = sorted(p.stem for p in Path(path).glob("*.safetensors"))
         raise FileNotFoundError(f"{path}: no model '{name}' (checkpoint has {have})")
     return _read(file, lambda: load_file(str(file), device="cpu"))
-
-
-def _read(file: Path, load: Callable[[], Any]) -> Any:
-    """``load()``, with a damaged file's error (truncated zip, incomplete safetensors header) naming it."""
-    try:
-        return load()
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise CheckpointError(f"{file} is damaged and cannot be read ({' '.join(str(error).split())[:160]}): "
-                              "use another checkpoint") from None
-
-
-def verify_files(path: Path, names: list[str], state: Mapping[str, Any] | None = None) -> None:
-    """Compare the named files of checkpoint ``path`` with the SHA-256 recorded in its state.json;
-    a mismatch raises :class:`CheckpointError` naming the file. Old checkpoints without hashes pass."""
-    path = Path(path)
-    recorded = (state if state is not None else read_state(path)).get("files")
-    if recorded is None:
-        log.info("%s was written without content hashes (an older mergevq): its files are not verified", path)
-        return
-    for name in names:
-        file = path / name
-        if name in recorded and file.is_file() and sha256_file(file) != recorded[name]:
-            raise CheckpointError(f"{file} does not match the SHA-256 recorded when it was written (the file is "
-                                  "damaged or was changed): use another checkpoint")
 
 
 def _load_into(name: str, target: Any, loaded: dict[str, torch.Tensor], strict: bool) -> dict[str, list[str]]:

@@ -202,6 +202,8 @@ class RunSession:
                 raise CheckpointError(
                     f"resume={path} is a checkpoint of {task} (models {', '.join(state.get('models', []))}); "
                     f"this is {self.config.get('task')}: resume from one of its own runs, or set resume=never")
+            if stored.get("codes") and self.config.get("codes"):  # older stage-II runs stored it as given
+                stored["codes"] = str(Path(str(stored["codes"])).expanduser().resolve())
             allowed, refused = resume_changes(stored, self.config)
             if refused:
                 raise CheckpointMismatchError(
