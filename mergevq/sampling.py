@@ -31,6 +31,9 @@ def class_list(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> list[int]:
 
 def sample_images(cfg: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """-> {images uint8 [N, H, W, 3], labels [N], codes [N, L], stats, settings}."""
+    from .config_check import check_sample_run
+
+    check_sample_run(cfg)  # option ranges, checkpoint kind, class ids and keep: before loading anything
     model, mergear, run_cfg, meta, checkpoint = load_trained_generator(cfg["ckpt"], cfg["weights"])
     recorded = meta["tokenizer"]
     tokenizer, _, tokenizer_ckpt = load_trained_tokenizer(cfg.get("tokenizer") or recorded["checkpoint"],

@@ -48,6 +48,16 @@ def cache_contents(cache: CodeCache) -> dict[str, list[int]]:
     return {"keeps": sorted(int(k) for k in keeps), "classes": sorted(int(c) for c in labels)}
 
 
+def check_labels(labels: list[int], num_classes: int, where: str) -> None:
+    """Every class id in [0, num_classes); id num_classes is the CFG null class, so it may not be a label."""
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad:
+        from ..errors import DataError
+
+        raise DataError(f"{where} holds class ids {bad[:5]} outside [0, num_classes={num_classes}) (id {num_classes} "
+                        f"is the CFG null class): set num_classes={max(labels) + 1} or more")
+
+
 def generator_setup(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[GPT, MergeARConfig | None]:
     """Build the GPT for the cache's grid and codebook; MergeAR adds the [M] token over keep options.
 
@@ -101,10 +111,12 @@ class Stage2Trainer(Trainer):
         train = cfg["train"]
         seed_everything(cfg["seed"])
         self.cache = CodeCache(cfg["codes"])
+        contents = cache_contents(self.cache)
+        check_labels(contents["classes"], int(cfg["num_classes"]), f"the code cache {cfg['codes']}")
         acc = build_accelerator(cfg["backend"])
         session.attach(acc)
         self.setup_loop(acc, SeededItems(training_items(self.cache), cfg["seed"]), "the code cache")
-        model, self.mergear = generator_setup(cfg, {**self.cache.meta, **cache_contents(self.cache)})
+        model, self.mergear = generator_setup(cfg, {**self.cache.meta, **contents})
         set_activation_checkpointing(model, bool(train.get("activation_checkpointing", False)))
         compile_in_place([model], cfg["backend"].get("compile", False))
         self.name = f"stage II ({cfg['generator']['kind']})"
