@@ -176,7 +176,7 @@ def test_tiny_randar_overfits_a_handful_of_images():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.3 * losses[0]
 
 
@@ -195,3 +195,18 @@ def test_padded_tokens_do_not_change_the_loss():
 def test_randar_rejects_a_merge_instruction_prefix():
     with pytest.raises(ValueError, match="one prefix token"):
         RandAR(gpt_args("tiny", grid=GRID, prefix_tokens=2, num_keep_options=2))
+
+
+def test_source_recovery_overfits_one_batch_with_position_keys():
+    from conftest import tiny_tokenizer
+
+    from mergevq.models.recovery import fit_recovery
+
+    tokenizer = tiny_tokenizer(0, {"enabled": True, "width": 32, "num_heads": 2})
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    history = fit_recovery(tokenizer, images, keep=16, steps=150, lr=3e-3)
+    assert history[-1][0] < 0.3 * history[0][0]
+    assert history[-1][1] > 0.9 and history[-1][1] > history[0][1]
+    tokens = tokenizer.encode(images, 16)
+    with pytest.raises(ValueError, match="starts"):
+        tokenizer.recover_groups(tokens.codes)  # position keys need the groups' first positions
