@@ -210,3 +210,30 @@ def test_source_recovery_overfits_one_batch_with_position_keys():
     tokens = tokenizer.encode(images, 16)
     with pytest.raises(ValueError, match="starts"):
         tokenizer.recover_groups(tokens.codes)  # position keys need the groups' first positions
+
+
+def test_evaluator_reports_predicted_groups_beside_true_groups():
+    from conftest import tiny_tokenizer
+
+    from mergevq.eval.recon import ReconstructionEvaluator
+
+    tokenizer = tiny_tokenizer(0, {"enabled": True, "width": 32, "num_heads": 2})
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    features = lambda x: x.mean((2, 3))  # noqa: E731
+    untrained = ReconstructionEvaluator(tokenizer, [16], feature_fn=features, collect_real_features=False)
+    untrained.update(images)
+    result = untrained.results()[16]
+    assert 0 <= result["recovery_accuracy"] < 1 and untrained.features(16, recovered=True).shape == (3, 3)
+
+    encode, last = tokenizer.encode, {}
+
+    def remember(x, keep):
+        last["groups"] = encode(x, keep).groups
+        return encode(x, keep)
+
+    tokenizer.encode, tokenizer.recover_groups = remember, lambda codes, starts: last["groups"]
+    oracle = ReconstructionEvaluator(tokenizer, [16], feature_fn=features, collect_real_features=False)
+    oracle.update(images)
+    result = oracle.results()[16]  # perfect recovery: the same reconstructions as with the true groups
+    assert result["recovery_accuracy"] == 1.0 and result["psnr_recovered"] == result["psnr"]
+    assert (oracle.features(16, recovered=True) == oracle.features(16)).all()
