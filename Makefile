@@ -66,6 +66,7 @@ bench: $(STAMP) ## benchmarks (not tests): make bench ARGS="--size tiny --suite 
 
 bench-ar: $(STAMP) ## benchmark: raster vs MergeAR vs RandAR sampling: passes/image, tokens/s, images/s, KV bytes (JSON in outputs/bench)
 	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
+	$(PY) -m mergevq.benchmarks.ar_randar $(ARGS)
 
 reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo INPUT=img_or_dir KEEP=[16,36,64]
 	$(PY) -m mergevq.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)

@@ -237,3 +237,13 @@ def test_evaluator_reports_predicted_groups_beside_true_groups():
     result = oracle.results()[16]  # perfect recovery: the same reconstructions as with the true groups
     assert result["recovery_accuracy"] == 1.0 and result["psnr_recovered"] == result["psnr"]
     assert (oracle.features(16, recovered=True) == oracle.features(16)).all()
+
+
+def test_randar_benchmark_reports_passes_and_cache(tmp_path):
+    from mergevq.benchmarks import ar_randar
+
+    (row,) = ar_randar.main(["--grids", "8", "--keeps", "36", "--batch", "1", "--repeats", "1",
+                             "--window", "4", "--out", str(tmp_path / "b.json")])
+    assert row["randar_passes_per_image"] == 13 < row["raster_passes_per_image"] == 64  # ceil(36 * 88 / 256)
+    assert row["randar_peak_kv_entries"] <= 2 * 36 and row["randar_kv_slots_allocated"] == 72
+    assert row["randar_images_per_s"] > 0 and row["randar_speedup_vs_raster"] > 0
