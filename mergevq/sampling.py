@@ -18,6 +18,7 @@ from .engine.loggers import RunLogger
 from .engine.restore import load_trained_generator, load_trained_tokenizer
 from .models.generate import generate
 from .models.mergear import keep_index
+from .models.randar import RandAR
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,24 @@ def sample_images(cfg: Mapping[str, Any], device: torch.device) -> dict[str, Any
                         duplicate_rule=options["duplicate_rule"], copy_head=mergear.copy_head)
         log.info("MergeAR: K=%d (%s), budget %s, window %d%s", keep, keep_source, budget, options["window"],
                  ", copy head" if mergear.copy_head else "")
+    route = None
+    if isinstance(model, RandAR):  # K codes + positions, then groups
+        from .sampling_randar import RandARRoute
+
+        route = RandARRoute(cfg, model, tokenizer, run_cfg, meta)
+        settings.update(route.settings())
     images, codes, row_peaks, row_groups, tokens, seconds, steps = [], [], [], [], 0, 0.0, 0
     progress = tqdm(total=len(labels), desc="sample", unit="img", dynamic_ncols=True,
                     disable=not cfg.get("progress", True))
     for start in range(0, len(labels), cfg["batch_size"]):
         batch = labels[start : start + cfg["batch_size"]].to(device)
         seed = cfg["seed"] * 1_000_003 + start  # every batch seeded: a resumed or sharded run draws the same
-        out, stats = generate(model, batch, cfg_scale=cfg["cfg_scale"], cfg_interval=cfg.get("cfg_interval"),
-                              temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"], seed=seed, **options)
+        sampling = dict(cfg_scale=cfg["cfg_scale"], cfg_interval=cfg.get("cfg_interval"),
+                        temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"], seed=seed)
+        if route is not None:
+            out, stats = route.generate(batch, **sampling)
+        else:
+            out, stats = generate(model, batch, **sampling, **options)
         with torch.no_grad():
             decoded = tokenizer.decode_grid(out, tuple(meta["grid"])).clamp(-1, 1)
         images.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
@@ -69,7 +80,7 @@ def sample_images(cfg: Mapping[str, Any], device: torch.device) -> dict[str, Any
         row_peaks.append(stats["peak_cache_per_row"].cpu())
         row_groups.append(torch.as_tensor(stats["num_groups"]).cpu())
         steps = stats["steps"]
-        tokens += out.numel()
+        tokens += stats.get("generated_tokens", out.numel())
         seconds += stats["seconds"]
         progress.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}", refresh=False)
         progress.update(len(batch))

@@ -73,8 +73,12 @@ def generator_setup(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[GP
     generator = cfg["generator"]
     if generator["kind"] == "raster":
         return GPT(args), None
+    if generator["kind"] == "randar":
+        from ..models.randar import build_randar
+
+        return build_randar(args, generator), None
     if generator["kind"] != "mergear":
-        raise ValueError(f"generator.kind={generator['kind']!r}: use raster or mergear")
+        raise ValueError(f"generator.kind={generator['kind']!r}: use raster, mergear or randar")
     keep_options = generator.get("keep_options") or meta.get("keep", {}).get("choices") or meta["keeps"]
     # keys a stored config lacks keep MergeARConfig's defaults: those of the runs made before them
     options = {k: generator[k] for k in ("duplicate_rule", "mask_groups", "copy_head") if generator.get(k) is not None}
@@ -89,9 +93,8 @@ class ARTrainingModel(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, codes, labels, keep=None, mask=None, label_smoothing: float = 0.0,
-                copy_target=None) -> dict[str, torch.Tensor]:
-        return self.gpt.loss(codes, labels, keep, mask, label_smoothing=label_smoothing, copy_target=copy_target)
+    def forward(self, codes, labels, keep=None, mask=None, label_smoothing: float = 0.0, **extra) -> dict[str, torch.Tensor]:
+        return self.gpt.loss(codes, labels, keep, mask, label_smoothing=label_smoothing, **extra)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -147,6 +150,11 @@ class Stage2Trainer(Trainer):
         """Cache items -> GPT.loss inputs: targets are per-position codes; MergeAR adds [M], its mask
         and the copy targets (``mergear_inputs``)."""
         device = self.acc.device
+        if self.cfg["generator"]["kind"] == "randar":  # K codes + positions in a fresh random order
+            from ..data.randar_batch import randar_batch
+
+            inputs = randar_batch(batch["grid_codes"].to(device), batch["groups"].to(device), batch["keep"].to(device))
+            return {**inputs, "labels": batch["label"].to(device)}
         inputs = {"codes": batch["grid_codes"].to(device), "labels": batch["label"].to(device)}
         if self.mergear is not None:
             inputs.update(mergear_inputs(inputs["codes"], batch["groups"].to(device), batch["keep"].to(device),

@@ -142,6 +142,8 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
     for keep in keeps:
         row = {"keep": keep if keep is not None else results[keep]["num_tokens"], **results[keep]}
         row["rfid"] = fid_from_features(real, evaluator.features(keep), method="eigh")
+        if evaluator.recovers:  # the same K decoded with Source Recovery's predicted groups
+            row["rfid_recovered"] = fid_from_features(real, evaluator.features(keep, recovered=True), method="eigh")
         rows.append(row)
     meta = extractor_meta(extractor)
     weights_file = checkpoint / f"{'tokenizer_ema' if cfg['weights'] == 'ema' else 'tokenizer'}.safetensors"
@@ -181,5 +183,8 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         card["plot"] = str(plot_per_k(rows, run_dir / "per_k.png", not meta["extractor_trained"]))
     for row in rows:
         log.info("K=%s rFID=%.3f PSNR=%.2f SSIM=%.4f usage=%.4f", row["keep"], row["rfid"], row["psnr"], row["ssim"], row["code_usage"])
+        if "rfid_recovered" in row:
+            log.info("K=%s predicted groups: rFID=%.3f PSNR=%.2f recovery accuracy=%.4f", row["keep"],
+                     row["rfid_recovered"], row["psnr_recovered"], row["recovery_accuracy"])
     log.info("evaluation card: %s, %s", json_path, md_path)
     return card

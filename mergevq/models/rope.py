@@ -28,9 +28,11 @@ def rope_2d(
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """x [B, T, H, Dh], rope [T, Dh/2, 2] -> x with pair (x_2i, x_2i+1) rotated by rope[t, i]."""
+    """x [B, T, H, Dh], rope [T, Dh/2, 2] (or [B, T, Dh/2, 2], one table per row: RandAR's random
+    orders) -> x with pair (x_2i, x_2i+1) rotated by rope[t, i]."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     xp = x.to(dtype).unflatten(-1, (-1, 2))
-    cos, sin = (rope[None, :, None, :, i].to(dtype) for i in (0, 1))
+    rows = rope[:, :, None] if rope.dim() == 4 else rope[None, :, None]
+    cos, sin = (rows[..., i].to(dtype) for i in (0, 1))
     out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
     return out.flatten(-2).to(x.dtype)
