@@ -64,9 +64,10 @@ sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_c
 bench: $(STAMP) ## benchmarks (not tests): make bench ARGS="--size tiny --suite all" (d64 on a GPU: --size d64 --device cuda)
 	$(PY) -m mergevq.benchmarks $(ARGS)
 
-bench-ar: $(STAMP) ## benchmark: raster vs MergeAR vs RandAR sampling: passes/image, tokens/s, images/s, KV bytes (JSON in outputs/bench)
+bench-ar: $(STAMP) ## raster vs MergeAR vs RandAR decoding (JSON in outputs/bench); trained MergeAR: CKPT=outputs/demo/ar_mergear [RASTER=... CODES=...]
 	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
 	$(PY) -m mergevq.benchmarks.ar_randar $(ARGS)
+	$(if $(CKPT),$(PY) -m mergevq.benchmarks.ar_trained --ckpt $(CKPT) $(if $(RASTER),--raster $(RASTER)) $(if $(CODES),--codes $(CODES)))
 
 reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo INPUT=img_or_dir KEEP=[16,36,64]
 	$(PY) -m mergevq.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 from PIL import Image
 from safetensors.torch import load_file
 
-from mergevq.benchmarks import ar_cache
+from mergevq.benchmarks import ar_cache, ar_trained
 from mergevq.cli import CONF_DIR
 from mergevq.data.code_cache import CodeCache
 from mergevq.engine.restore import load_trained_generator
@@ -337,6 +337,34 @@ def test_kv_cache_benchmark(tmp_path, capsys):
         assert r["raster_attended_per_token"] == 1 + (64 + 1) / 2  # query l sees P + l + 1 slots
         assert r["mergear_attended_per_token"] <= r["K"] + r["window"] + 2 + 1
         assert r["attention_ratio"] == r["mergear_attended_per_token"] / r["raster_attended_per_token"] < 1
+
+
+def test_duplicate_rules_on_the_real_code_cache(codes):
+    """On the code grids ``mergevq.tokenize`` wrote: 'same_code_any' finds at most K groups per image
+    (a tokenizer group shares one code), 'adjacent' at least as many as 'same_code_any' (it only joins
+    a left or upper neighbour), 'none' every position; the agreement is a fraction."""
+    rows = ar_trained.rule_rows(str(codes), limit=32)
+    assert sorted(r["keep"] for r in rows) == sorted({int(CodeCache(codes)[i]["keep"]) for i in range(32)})
+    assert sum(r["images"] for r in rows) == 32
+    for r in rows:
+        assert 1 <= r["same_code_any_groups"] <= r["keep"] <= r["none_groups"] == 64
+        assert r["adjacent_groups"] >= r["same_code_any_groups"]
+        assert 0 <= r["adjacent_agreement"] <= 1 and 0 <= r["same_code_any_agreement"] <= 1
+
+
+def test_trained_mergear_benchmark(mergear_run, tmp_path, capsys):
+    """``make bench-ar CKPT=...``: realised groups and peak KV per K and budget (strict: exactly K)."""
+    out = tmp_path / "ar_trained.json"
+    result = ar_trained.main(["--ckpt", str(mergear_run), "--keeps", "16,25", "--budgets", "strict,off",
+                              "--samples", "4", "--batch", "4", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text())["sampling"] == result["sampling"]
+    rows = {(r["keep"], r["budget"]): r for r in result["sampling"]}
+    assert sorted(rows) == [(16, "off"), (16, "strict"), (25, "off"), (25, "strict")]
+    for keep in (16, 25):
+        strict = rows[keep, "strict"]
+        assert strict["groups_mean"] == strict["groups_max"] == keep
+        assert strict["peak_kv_max"] <= 2 + keep + strict["window"]
+        assert rows[keep, "off"]["tokens_per_s"] > 0
 
 
 def test_missing_code_cache_is_one_line_error(tmp_path):

@@ -170,6 +170,40 @@ def keep_index(keep: int | Sequence[int] | Tensor, keep_options: Sequence[int]) 
     return match.long().argmax(-1)
 
 
+def rule_group(rule: str, pos: int, code: Tensor, codes: Tensor, groups: Tensor, is_first: Tensor,
+               grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The inference duplicate rule for token ``pos``: code [B] given the earlier tokens' codes,
+    groups and is_first ([B, >= pos], columns < pos used) -> (group id [B], is a duplicate [B] bool);
+    a new group's id is pos."""
+    group = torch.full_like(code, pos)
+    dup = torch.zeros_like(code, dtype=torch.bool)
+    if pos == 0 or rule == "none":
+        return group, dup
+    if rule == "same_code_any":
+        match = (codes[:, :pos] == code[:, None]) & is_first[:, :pos]
+        dup = match.any(1)
+        return torch.where(dup, groups[:, :pos].gather(1, match.long().argmax(1, keepdim=True))[:, 0], group), dup
+    if rule != "adjacent":
+        raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {rule!r}")
+    r, c = divmod(pos, grid[1])
+    neighbours = ([pos - grid[1]] if r else []) + ([pos - 1] if c else [])
+    for m in neighbours:  # the left neighbour, checked last, wins
+        same = codes[:, m] == code
+        group, dup = torch.where(same, groups[:, m], group), dup | same
+    return group, dup
+
+
+def rule_groups(codes: Tensor, grid: tuple[int, int], rule: str) -> Tensor:
+    """codes [B, L] -> the groups [B, L] the inference rule finds, token by token (for measuring a rule
+    against the tokenizer's groups; 'same_code_any' equals ``code_groups``)."""
+    groups = torch.full_like(codes, -1)
+    is_first = torch.zeros_like(codes, dtype=torch.bool)
+    for pos in range(codes.shape[1]):
+        group, dup = rule_group(rule, pos, codes[:, pos], codes, groups, is_first, grid)
+        groups[:, pos], is_first[:, pos] = group, ~dup
+    return groups
+
+
 def mergear_inputs(codes: Tensor, groups: Tensor, keep: Tensor, config: MergeARConfig, prefix: int = 2) -> dict[str, Tensor]:
     """codes [B, L] (per-position code grid), groups [B, L] (tokenizer groups), keep [B] (K) ->
     the MergeAR inputs of ``GPT.loss``: keep (merge-instruction index), mask [B, T, T] and, with a
@@ -244,27 +278,14 @@ class MergeARDecoder(GuidedDecoder):
         known_group [B]: force the group id (first iff no earlier token has it); else the rule
         decides and a new group's id is its raster index l.
         """
-        pos, rows = self.n_assigned, self.rows
+        pos = self.n_assigned
         if pos >= self.length:
             raise RuntimeError("all positions are assigned")
-        seen_codes, seen_groups = self.codes[:, :pos], self.groups[:, :pos]
-        group = torch.full_like(code, pos)
-        dup = torch.zeros_like(code, dtype=torch.bool)
         if known_group is not None:
             group = known_group.to(code.device)
-            dup = (seen_groups == group[:, None]).any(1)
-        elif pos == 0 or self.rule == "none":
-            pass
-        elif self.rule == "same_code_any":
-            match = (seen_codes == code[:, None]) & self.is_first[:, :pos]
-            dup = match.any(1)
-            group = torch.where(dup, seen_groups[rows, match.long().argmax(1)], group)
-        elif self.rule == "adjacent":
-            r, c = divmod(pos, self.model.args.grid[1])
-            neighbours = ([pos - self.model.args.grid[1]] if r else []) + ([pos - 1] if c else [])
-            for m in neighbours:  # the left neighbour, checked last, wins
-                same = seen_codes[:, m] == code
-                group, dup = torch.where(same, seen_groups[:, m], group), dup | same
+            dup = (self.groups[:, :pos] == group[:, None]).any(1)
+        else:
+            group, dup = rule_group(self.rule, pos, code, self.codes, self.groups, self.is_first, self.model.args.grid)
         self.codes[:, pos], self.groups[:, pos], self.is_first[:, pos] = code, group, ~dup
         self.open_groups += ~dup
         self.n_assigned += 1
