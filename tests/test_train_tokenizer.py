@@ -243,6 +243,13 @@ def test_ema_cadence_under_accumulation(tmp_path, cadence, power):
         torch.testing.assert_close(ema[key], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_paper_loss_keeps_the_official_fixed_adversarial_weight(tmp_path):
+    """Table A1's 0.8 is the official adaptive-weight factor (disc_weight), unused by the official
+    loss; the weight it trained with is the fixed gen_loss_weight 0.1."""
+    loss = OmegaConf.to_container(compose_run(tmp_path, "loss=paper"), resolve=True)["loss"]
+    assert (loss["reconstruction"], loss["perceptual_weight"], loss["adversarial_weight"]) == ("l2", 0.7, 0.1)
+
+
 def test_ema_cadence_is_checked(tmp_path):
     config = OmegaConf.to_container(compose_run(tmp_path, "train.ema.cadence=epoch"), resolve=True)
     with pytest.raises(ConfigError, match="train.ema.cadence"):
