@@ -44,12 +44,17 @@ def _batches(images: torch.Tensor) -> list[torch.Tensor]:
     return [images[i : i + 32] for i in range(0, len(images), 32)]
 
 
-def inception_metrics(net, samples_uint8: np.ndarray, reference_features: np.ndarray, splits: int = 10) -> dict[str, float]:
-    """samples [N, H, W, 3] uint8, reference FidelityInception features [M, 5079] -> {inception_score,
+def reference_spatial(net, images: torch.Tensor) -> np.ndarray:
+    """Real images [M, 3, H, W] in [-1, 1] -> their sFID features [M, 2023] through FidelityInception."""
+    features = extract_features(net, _batches(images), input_range=(-1, 1), progress="sFID reference features")
+    return split_blocks(features)["spatial"]
+
+
+def inception_metrics(net, samples_uint8: np.ndarray, reference_spatial: np.ndarray, splits: int = 10) -> dict[str, float]:
+    """samples [N, H, W, 3] uint8, reference sFID features [M, 2023] -> {inception_score,
     inception_score_std (over min(splits, N) consecutive splits), sfid (mixed_6/conv features)}."""
     images = torch.from_numpy(samples_uint8).permute(0, 3, 1, 2).contiguous()
     blocks = split_blocks(extract_features(net, _batches(images), progress="IS / sFID features"))
     mean, std = inception_score_torch_fidelity(blocks["logits"], splits)
-    spatial_ref = split_blocks(reference_features)["spatial"]
-    sfid = frechet_distance(*feature_stats(blocks["spatial"]), *feature_stats(spatial_ref), method="eigh")
+    sfid = frechet_distance(*feature_stats(blocks["spatial"]), *feature_stats(reference_spatial), method="eigh")
     return {"inception_score": mean, "inception_score_std": std, "sfid": sfid}

@@ -12,8 +12,8 @@ import torch
 from ..data import build_dataset, default_cache_dir
 from ..engine.restore import load_trained_tokenizer
 from .card import package_versions, sha256_file, write_card
-from .features import FeatureCache, extract_features, extractor_meta
-from .generator_eval import generator_metrics, inception_metrics, reference_stats
+from .features import FeatureCache, extractor_meta
+from .generator_eval import generator_metrics, inception_metrics, reference_spatial, reference_stats
 from .inception import CONFIG_KEY, WEIGHTS_FILE, FidelityInception
 from .tokenizer_eval import build_extractor
 
@@ -77,12 +77,10 @@ def inception_part(cfg: Mapping[str, Any], samples, dataset, count: int, cache: 
         return ({"computed": False, "reason": reason, "metrics": {"inception_score": None, "sfid": None}},
                 [f"IS and sFID not computed: {reason}"])
     net = FidelityInception(path)
-    key = cache.key(dataset_id, f"resize-bilinear-{size}:center-crop-{size}:uint8", net)
+    key = cache.key(dataset_id, f"resize-bilinear-{size}:center-crop-{size}:uint8:sfid-spatial", net)
     reference = cache.load(key)
     if reference is None:
-        images = torch.stack([dataset[i]["image"] for i in range(count)])
-        reference = extract_features(net, [images[i : i + 32] for i in range(0, count, 32)], input_range=(-1, 1),
-                                     progress="IS / sFID reference features")
+        reference = reference_spatial(net, torch.stack([dataset[i]["image"] for i in range(count)]))
         cache.save(key, reference)
     section = {"computed": True, "name": net.name, "weights": str(net.path), "weights_sha256": net.weights_sha256,
                "trained": net.trained, "sfid_features": "mixed_6/conv (Mixed_6d.branch1x1), first 7 channels",
