@@ -17,7 +17,7 @@ from torch import nn
 
 from mergevq.engine import checkpoint as ckpt
 from mergevq.engine import provenance
-from mergevq.engine.ema import EMA, updates_per_step
+from mergevq.engine.ema import EMA
 from mergevq.engine.loggers import (
     CSVLogger,
     NoLogger,
@@ -241,36 +241,6 @@ def test_ema_converges_as_decay_power_k_and_swapped_restores_bitwise():
     fresh = EMA(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double())
     fresh.load_state_dict(ema.state_dict())
     _assert_same(fresh.state_dict(), ema.state_dict())
-
-
-@pytest.mark.parametrize("warmup", [False, True])
-def test_ema_repeats_equal_per_micro_batch_updates(warmup):
-    """The official cadence: under accumulation a the EMA sees the same weights a times per optimizer
-    step; update(repeats=a) equals a single updates, so the horizon is decay^a per optimizer step."""
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3).double()
-    once, repeated = EMA(model, decay=0.9, warmup=warmup), EMA(model, decay=0.9, warmup=warmup)
-    start = {k: v.clone() for k, v in once.state_dict().items()}
-    for _ in range(3):  # optimizer steps
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        for _ in range(2):
-            once.update(model)
-        repeated.update(model, repeats=2)
-    assert repeated.num_updates == once.num_updates == 6
-    _assert_close = torch.testing.assert_close
-    for name in once.state_dict():
-        _assert_close(repeated.state_dict()[name], once.state_dict()[name], rtol=1e-12, atol=1e-12)
-    if not warmup:  # one step from the start with no later change: exactly decay^2 of the gap left
-        fresh = EMA(model, decay=0.9)
-        fresh.load_state_dict(start)
-        fresh.update(model, repeats=2)
-        for name, param in model.named_parameters():
-            _assert_close(fresh.state_dict()[name], param + (start[name] - param) * 0.81, rtol=1e-12, atol=1e-12)
-    assert updates_per_step("micro_batch", 2) == 2 and updates_per_step("optimizer_step", 2) == 1
-    with pytest.raises(ValueError, match="train.ema.cadence"):
-        updates_per_step("epoch", 2)
 
 
 def test_ema_warmup_and_tied_weights():
