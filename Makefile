@@ -33,15 +33,17 @@ lint: $(STAMP) ## ruff
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.summary $(ARGS)
 
-demo: $(STAMP) ## the whole pipeline on the CPU (~25 min): tokenizer, rFID per K, MergeAR vs raster AR, samples, gFID
+demo: $(STAMP) ## the whole pipeline on the CPU (~15 min): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.train_tokenizer experiment=demo_tiny $(ARGS)
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=100 lpips.enabled=false
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] num_images=2048 overwrite=true
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_raster $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_raster keep=64 num_images=2048 overwrite=true
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_mergear generator=mergear
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_raster generator=raster
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=4 keep=25 evaluate.enabled=true evaluate.num_reference=200
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_raster per_class=4 evaluate.enabled=true evaluate.num_reference=200
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_randar $(PY) -m mergevq.train_ar experiment=demo_randar codes=$(DEMO_DIR)/codes_mergear
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=20 keep=25 budget=strict evaluate.enabled=true evaluate.num_reference=1000
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_raster per_class=20 evaluate.enabled=true evaluate.num_reference=1000
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_randar per_class=20 keep=25 evaluate.enabled=true evaluate.num_reference=1000
 	$(PY) -m mergevq.demo $(DEMO_DIR)
 
 eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps=[16,36,64] num_images=1000"]
@@ -62,8 +64,10 @@ sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_c
 bench: $(STAMP) ## benchmarks (not tests): make bench ARGS="--size tiny --suite all" (d64 on a GPU: --size d64 --device cuda)
 	$(PY) -m mergevq.benchmarks $(ARGS)
 
-bench-ar: $(STAMP) ## benchmark: raster vs MergeAR sampling tokens/s and KV-cache bytes (JSON in outputs/bench)
+bench-ar: $(STAMP) ## raster vs MergeAR vs RandAR decoding (JSON in outputs/bench); trained MergeAR: CKPT=outputs/demo/ar_mergear [RASTER=... CODES=...]
 	$(PY) -m mergevq.benchmarks.ar_cache $(ARGS)
+	$(PY) -m mergevq.benchmarks.ar_randar $(ARGS)
+	$(if $(CKPT),$(PY) -m mergevq.benchmarks.ar_trained --ckpt $(CKPT) $(if $(RASTER),--raster $(RASTER)) $(if $(CODES),--codes $(CODES)))
 
 reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo INPUT=img_or_dir KEEP=[16,36,64]
 	$(PY) -m mergevq.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)

@@ -43,8 +43,28 @@ def precheck_overrides(config_name: str, overrides: list[str]) -> None:
         _fail(" ".join(text.split()))
 
 
+def one_line_errors(task: Callable) -> Callable:
+    """``task`` with known failures (:class:`mergevq.errors.UserError`) turned into one ``error:`` line on
+    stderr and exit status 2; with ``HYDRA_FULL_ERROR=1`` they propagate with their traceback."""
+    import functools
+
+    from .errors import UserError, one_line
+
+    @functools.wraps(task)
+    def guarded(cfg):
+        try:
+            return task(cfg)
+        except UserError as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _fail(one_line(error))
+
+    return guarded
+
+
 def run_entry(config_name: str, task: Callable) -> None:
-    """Run ``task(cfg)`` under @hydra.main with the checks above; ranks != 0 write no Hydra output."""
+    """Run ``task(cfg)`` under @hydra.main with the checks above; ranks != 0 write no Hydra output.
+    Known failures end in one line and exit status 2 (see :func:`one_line_errors`)."""
     import hydra
 
     argv = sys.argv[1:]
@@ -53,4 +73,4 @@ def run_entry(config_name: str, task: Callable) -> None:
         precheck_overrides(config_name, argv)
     if int(os.environ.get("RANK", 0)) != 0 and not multirun:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.run.dir=."]
-    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(one_line_errors(task))()

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .cli import run_entry
+from .config_check import check_evaluate_run
 
 
 def task(cfg: DictConfig) -> float:
@@ -22,6 +23,7 @@ def task(cfg: DictConfig) -> float:
     from .eval.tokenizer_eval import evaluate_tokenizer, log_per_k
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    check_evaluate_run(config)  # checkpoint kind, keeps, data folder: before any model or data is loaded
     if config["lpips"]["enabled"] and config["lpips"]["pretrained"]:
         from .losses.perceptual import hub_vgg16_path
 

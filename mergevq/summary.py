@@ -1,6 +1,6 @@
 """Parameter counts and GFLOPs of a tokenizer configuration, built on the meta device (no allocation).
 
-    python -m mergevq.summary tokenizer=d64 variant=gr [format=json] [keep=144]
+    python -m mergevq.summary tokenizer=d64 variant=gr [format=json] [keep=144] [ar_experiment=ar_l_randar_gr]
 """
 
 from __future__ import annotations
@@ -60,6 +60,28 @@ def summarize(tokenizer: Mapping[str, Any], variant: Mapping[str, Any] | None, k
     }
 
 
+def generator_params(experiment: str, grid: tuple[int, int] = (16, 16), bits: int = 18) -> int:
+    """Parameters of a stage-II experiment preset's generator (e.g. ar_l_randar_g), built on the meta
+    device for a grid of the given size and a 2^bits codebook (no code cache needed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from .cli import CONF_DIR
+    from .engine.stage2 import generator_setup
+
+    overrides = [f"experiment={experiment}", "codes=unused", "run_dir=unused"]
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose("train_ar", overrides=overrides)
+    else:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train_ar", overrides=overrides)
+    config = OmegaConf.to_container(cfg, resolve=False)
+    with torch.device("meta"):
+        model, _ = generator_setup(config, {"codebook_bits": bits, "grid": list(grid), "keeps": [grid[0] * grid[1]]})
+    return _count(model)
+
+
 def format_table(summary: Mapping[str, Any]) -> str:
     width = max(map(len, summary))
     rows = []
@@ -77,6 +99,9 @@ def main() -> None:
     def run(cfg) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
         result = summarize(config["tokenizer"], config.get("variant"), config.get("keep"))
+        if config.get("ar_experiment"):
+            result["generator"] = config["ar_experiment"]
+            result["generator_params"] = generator_params(config["ar_experiment"])
         if config["format"] == "json":
             print(json.dumps(result))
         elif config["format"] == "table":

@@ -1,13 +1,16 @@
 """Pre-tokenize a dataset for stage II with a frozen tokenizer (EMA weights by default):
 
     python -m mergevq.tokenize ckpt=RUN_DIR out=DIR [keep_range=[144,256] keep_distribution=exponential] [flip=true]
+        [keeps_per_image=4]
 
 Writes a code cache (``mergevq.data.code_cache``): per image the code grid [L] (the code of the group
 owning each raster position), the canonical groups [L], K, the label and whether it was flipped.
 Images get the deterministic evaluation transform (resize the shorter side to S, center crop S); with
 flip=true the mirrored image is encoded as a second item. K is fixed (keep=K), the tokenizer's nominal
 K (keep=null, keep_range=null) or drawn per item from the reachable perfect squares in keep_range,
-seeded by (seed, image index, flip), so a re-run gives the same cache.
+seeded by (seed, image index, flip), so a re-run gives the same cache. With keeps_per_image=n the
+image is encoded at n distinct K (drawn without replacement; all of them when n >= their number), one
+item each; stage II then draws one of an image's K per sample and epoch (``KeepPerSample``).
 
 Several processes shard the images (rank r takes indices r::world) and write their own shards;
 rank 0 merges the indexes: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.tokenize ...
@@ -58,6 +61,17 @@ class KeepPlan:
             return self.choices[0]
         rng = np.random.default_rng(mix_seed(self.seed, int(index), int(flip)))
         return self.choices[int(rng.choice(len(self.choices), p=np.asarray(self.probs)))]
+
+    def draw_many(self, index: int, flip: bool, count: int) -> list[int]:
+        """count distinct K for one item (all choices when count >= their number), ascending; count 1
+        is ``draw``. Drawn without replacement with the same seeded generator."""
+        if count <= 1:
+            return [self.draw(index, flip)]
+        if count >= len(self.choices):
+            return list(self.choices)
+        rng = np.random.default_rng(mix_seed(self.seed, int(index), int(flip)))
+        picked = rng.choice(len(self.choices), size=count, replace=False, p=np.asarray(self.probs))
+        return [self.choices[int(j)] for j in sorted(picked)]
 
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "sampler": "choices[numpy.random.default_rng(mergevq.engine.runner.mix_seed("
@@ -214,6 +228,7 @@ def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     total = min(len(dataset), cfg.get("num_images") or len(dataset))
+    per_image = min(max(int(cfg.get("keeps_per_image") or 1), 1), len(plan.choices))
     weights_file = checkpoint / f"{WEIGHT_NAMES[cfg['weights']]}.safetensors"
     meta = {
         "grid": list(grid),
@@ -230,6 +245,7 @@ def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
                  "transform": f"resize shorter side {data['size']} (bilinear), center crop {data['size']}"},
         "keep": plan.describe(),
         "flip": bool(cfg["flip"]),
+        "keeps_per_image": per_image,
         "seed": int(cfg.get("seed", 0)),
     }
     writer = CodeCacheWriter(out, cfg["shard_size"], meta, rank=None if world == 1 else rank)
@@ -246,10 +262,12 @@ def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
         images = batch["image"].to(accelerator.device)
         for flip in views:
             x = images.flip(-1) if flip else images
-            keeps = torch.tensor([plan.draw(i, flip) for i in batch["index"].tolist()], dtype=torch.long)
-            for rows, tokens in encode_batch(tokenizer, x, keeps):
-                writer.add(tokens.codes, tokens.groups, keeps[rows], batch["label"][rows],
-                           torch.full((len(rows),), flip), batch["index"][rows])
+            draws = [plan.draw_many(i, flip, per_image) for i in batch["index"].tolist()]
+            for round_ in range(per_image):  # round r encodes every image at its r-th K
+                keeps = torch.tensor([d[round_] for d in draws], dtype=torch.long)
+                for rows, tokens in encode_batch(tokenizer, x, keeps):
+                    writer.add(tokens.codes, tokens.groups, keeps[rows], batch["label"][rows],
+                               torch.full((len(rows),), flip), batch["index"][rows])
     writer.close()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

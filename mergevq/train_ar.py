@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .cli import run_entry
+from .config_check import check_ar_run
 
 log = logging.getLogger("mergevq")
 
@@ -24,9 +25,12 @@ def task(cfg: DictConfig) -> float:
         print(f"error: codes={config['codes']} has no index.json: write one with "
               "python -m mergevq.tokenize ckpt=<tokenizer run> out=<dir>", file=sys.stderr)
         raise SystemExit(2)
+    cfg.codes = config["codes"] = str(Path(config["codes"]).expanduser().resolve())  # stored absolute: sampling works from anywhere
+    check_ar_run(config)
     session = RunSession(config["run_dir"], {**config, "overrides": list(HydraConfig.get().overrides.task)},
                          OmegaConf.to_yaml(cfg, resolve=True), keep_last=config["train"]["keep_last"])
-    final = train_ar(config, session)
+    with session:  # releases the run-directory lock
+        final = train_ar(config, session)
     log.info("finished: %s", {k: round(v, 4) for k, v in final.items()})
     return final.get("loss", float("nan"))
 

@@ -34,7 +34,8 @@ def task(cfg: DictConfig) -> float:
         config["run_dir"], {**config, "overrides": overrides}, OmegaConf.to_yaml(cfg, resolve=True),
         keep_last=config["train"]["keep_last"],
     )
-    final = train_tokenizer(config, session)
+    with session:  # releases the run-directory lock
+        final = train_tokenizer(config, session)
     log.info("finished: %s", {k: round(v, 4) for k, v in final.items()})
     return final.get("rec", float("nan"))
 

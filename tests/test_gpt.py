@@ -10,8 +10,9 @@ from mergevq.models.generate import (
     sample_logits,
     top_k_top_p_filter,
 )
-from mergevq.models.gpt import GPT, GPT_SIZES, ModelArgs, apply_rope, build_gpt, rope_2d
+from mergevq.models.gpt import GPT, GPT_SIZES, ModelArgs, build_gpt
 from mergevq.models.lfq import join_codes, split_codes
+from mergevq.models.rope import apply_rope, rope_2d
 
 # Measured by building the official taming/modules/transformer/gpt.py (ApexGen-X/MergeVQ @ 5267198)
 # on the meta device with factorized_bits [6, 12] and class_num 1000; spec 7.1 rounds them.

@@ -232,7 +232,7 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_composes(preset):
-    entry = "train_ar" if preset.startswith(("ar_", "demo_ar")) else "train_tokenizer"
+    entry = "train_ar" if preset.startswith(("ar_", "demo_ar", "demo_randar")) else "train_tokenizer"
     extra = ["codes=/tmp/codes"] if entry == "train_ar" else []
     cfg = compose_entry(entry, [f"experiment={preset}", *extra])
     assert cfg.task == entry

@@ -10,6 +10,7 @@ from conftest import ROOT, load_group
 
 from mergevq.losses import alignment_kl, tiny_random_teacher
 from mergevq.models.factory import build_tokenizer, layout
+from mergevq.models.positions import group_starts
 from mergevq.summary import summarize
 
 TINY = load_group("tokenizer", "tiny")
@@ -77,8 +78,10 @@ def test_source_recovery_predicts_groups_for_decoding():
     tok = tiny("gr", enabled=True, width=32, num_heads=2).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     tokens = tok.encode(x, keep=36)
-    image = tok.decode_recovered(tokens.codes, tokens.grid)
+    starts = group_starts(tokens.groups, 36)
+    image = tok.decode_recovered(tokens.codes, tokens.grid, starts)
     assert image.shape == x.shape
+    assert torch.equal(group_starts(tok.recover_groups(tokens.codes, starts), 36), starts)  # canonical partition
     with pytest.raises(ValueError, match="Source Recovery"):
         tiny("gr").decode_recovered(tokens.codes, tokens.grid)
 

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 from PIL import Image
 from safetensors.torch import load_file
 
-from mergevq.benchmarks import ar_cache
+from mergevq.benchmarks import ar_cache, ar_trained
 from mergevq.cli import CONF_DIR
 from mergevq.data.code_cache import CodeCache
 from mergevq.engine.restore import load_trained_generator
@@ -167,14 +167,18 @@ def test_mergear_training(mergear_run, codes):
     assert sorted(rows) == [1, 2, 3, 4]
     losses = [rows[s]["train/loss"] for s in range(1, 5)]
     assert all(math.isfinite(v) for v in losses)
-    assert abs(losses[0] - math.log(2**18)) < 0.1  # near-uniform over the 2^18 codes (64 x 4096 heads)
+    first = rows[1]["train/loss_pre"] + rows[1]["train/loss_post"]
+    assert abs(first - math.log(2**18)) < 0.1  # near-uniform over the 2^18 codes (64 x 4096 heads)
+    assert losses[0] == pytest.approx(first + rows[1]["train/loss_copy"], rel=1e-5)
+    assert 0 < rows[1]["train/loss_copy"] < math.log(64)  # uniform over "new" + the first occurrences
     assert losses[-1] < losses[0]
 
     model, mergear, config, meta, loaded = load_trained_generator(mergear_run)
     assert loaded == checkpoint and config["generator"]["kind"] == "mergear"
     assert model.args.prefix_tokens == 2 and model.args.num_keep_options == len(KEEP_CHOICES)
     assert mergear is not None and list(mergear.keep_options) == CodeCache(codes).meta["keep"]["choices"]
-    assert mergear.window == 16 and mergear.duplicate_rule == "adjacent"
+    assert mergear.window == 16 and mergear.duplicate_rule == "same_code_any"
+    assert mergear.copy_head and mergear.mask_groups == "codes" and model.copy_head is not None
     assert model.args.grid == (8, 8) and model.args.seq_len == 64
     weights = load_file(checkpoint / "gpt.safetensors")
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
@@ -267,12 +271,17 @@ def test_sample_entry_and_gfid_card(work, mergear_run, codes):
         assert key in sampling, key
     assert sampling["cfg_scale"] == [1.5, 1.5] and sampling["temperature"] == [1.0, 1.0]
     assert sampling["top_k"] == 0 and sampling["top_p"] == 1.0 and sampling["seed"] == 0
-    assert sampling["keep"] == max(KEEP_CHOICES) and sampling["window"] == 16
-    assert sampling["duplicate_rule"] == "adjacent" and sampling["generator"]["kind"] == "mergear"
-    assert sampling["tokens_per_s"] > 0 and sampling["prefix_tokens"] == 2 and sampling["sequence_length"] == 64
+    # keep not given: the tokenizer's nominal K (36 of 64 for tiny G+R), said so; budget strict
+    assert sampling["keep"] == 36 and sampling["keep_source"] == "default: the tokenizer's nominal K"
+    assert sampling["window"] == 16 and sampling["budget"] == "strict" and sampling["copy_head"] is True
+    assert sampling["duplicate_rule"] == "same_code_any" and sampling["generator"]["kind"] == "mergear"
+    assert sampling["tokens_per_s"] > 0 and sampling["prefix_tokens"] == 2 and sampling["positions"] == 64
+    assert sampling["images_per_s"] > 0 and sampling["steps"] == 64 and sampling["num_samples"] == 4
     assert Path(sampling["checkpoint"]) == step_dir(mergear_run, 4)
-    most_groups = max(adjacent_groups(row, 8) for row in npz["codes"])
-    assert 0 < sampling["peak_kv_cache_entries"] <= most_groups + sampling["window"] + 2 + 1
+    realised = [len(set(row.tolist())) for row in npz["codes"]]  # distinct codes = groups (one rule)
+    assert realised == [36] * 4 and sampling["groups_max"] == 36 and sampling["groups_mean"] == 36
+    assert 0 < sampling["peak_kv_mean"] <= sampling["peak_kv_max"] <= 2 + 36 + sampling["window"] + 1
+    assert sampling["peak_kv_cache_entries"] == sampling["peak_kv_max"]
 
     card = json.loads((out / "eval_card.json").read_text())
     assert card["kind"] == "generator" and math.isfinite(card["metrics"]["gfid"])
@@ -290,10 +299,12 @@ def test_sample_entry_and_gfid_card(work, mergear_run, codes):
 
 
 def test_mergear_eviction_bound(mergear_run):
-    """Greedy decoding of the untrained model repeats codes, so groups merge and the cache stays at
-    most P + K + w (+1 for the query's own entry), far below the raster's P + L."""
+    """budget=off with the adjacent rule (the pre-copy-head sampler): greedy decoding of the untrained
+    model repeats codes, so groups merge and the cache stays at most P + K + w (+1 for the query's own
+    entry), far below the raster's P + L; strict keeps exactly K groups and P + K + w entries."""
     config = sample_config(f"ckpt={mergear_run}", "per_class=2", "classes=[0,1]", "cfg_scale=1.0",
-                           "temperature=1.0", "top_k=1", "keep=16", "window=2")
+                           "temperature=1.0", "top_k=1", "keep=16", "window=2", "budget=off",
+                           "duplicate_rule=adjacent")
     result = sample_images(config, torch.device("cpu"))
     assert result["settings"]["keep"] == 16 and result["settings"]["window"] == 2
     most_groups = max(adjacent_groups(row, 8) for row in result["codes"])
@@ -301,6 +312,10 @@ def test_mergear_eviction_bound(mergear_run):
     assert most_groups < 64 and peak <= most_groups + 2 + 2 + 1 < 2 + 64
     mean_groups = sum(adjacent_groups(row, 8) for row in result["codes"]) / len(result["codes"])
     assert 2 < result["stats"]["mean_peak_kv_cache_entries"] <= min(peak, mean_groups + 2 + 2 + 1)
+
+    strict = sample_images({**config, "budget": "strict", "top_k": 0}, torch.device("cpu"))
+    assert [len(set(row.tolist())) for row in strict["codes"]] == [16] * 4
+    assert strict["stats"]["groups_max"] == 16 and strict["stats"]["peak_kv_max"] <= 2 + 16 + 2
 
 
 # ------------------------------------------------------------------------------------------ benchmark, errors
@@ -322,6 +337,34 @@ def test_kv_cache_benchmark(tmp_path, capsys):
         assert r["raster_attended_per_token"] == 1 + (64 + 1) / 2  # query l sees P + l + 1 slots
         assert r["mergear_attended_per_token"] <= r["K"] + r["window"] + 2 + 1
         assert r["attention_ratio"] == r["mergear_attended_per_token"] / r["raster_attended_per_token"] < 1
+
+
+def test_duplicate_rules_on_the_real_code_cache(codes):
+    """On the code grids ``mergevq.tokenize`` wrote: 'same_code_any' finds at most K groups per image
+    (a tokenizer group shares one code), 'adjacent' at least as many as 'same_code_any' (it only joins
+    a left or upper neighbour), 'none' every position; the agreement is a fraction."""
+    rows = ar_trained.rule_rows(str(codes), limit=32)
+    assert sorted(r["keep"] for r in rows) == sorted({int(CodeCache(codes)[i]["keep"]) for i in range(32)})
+    assert sum(r["images"] for r in rows) == 32
+    for r in rows:
+        assert 1 <= r["same_code_any_groups"] <= r["keep"] <= r["none_groups"] == 64
+        assert r["adjacent_groups"] >= r["same_code_any_groups"]
+        assert 0 <= r["adjacent_agreement"] <= 1 and 0 <= r["same_code_any_agreement"] <= 1
+
+
+def test_trained_mergear_benchmark(mergear_run, tmp_path, capsys):
+    """``make bench-ar CKPT=...``: realised groups and peak KV per K and budget (strict: exactly K)."""
+    out = tmp_path / "ar_trained.json"
+    result = ar_trained.main(["--ckpt", str(mergear_run), "--keeps", "16,25", "--budgets", "strict,off",
+                              "--samples", "4", "--batch", "4", "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out and json.loads(out.read_text())["sampling"] == result["sampling"]
+    rows = {(r["keep"], r["budget"]): r for r in result["sampling"]}
+    assert sorted(rows) == [(16, "off"), (16, "strict"), (25, "off"), (25, "strict")]
+    for keep in (16, 25):
+        strict = rows[keep, "strict"]
+        assert strict["groups_mean"] == strict["groups_max"] == keep
+        assert strict["peak_kv_max"] <= 2 + keep + strict["window"]
+        assert rows[keep, "off"]["tokens_per_s"] > 0
 
 
 def test_missing_code_cache_is_one_line_error(tmp_path):

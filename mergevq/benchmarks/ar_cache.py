@@ -67,14 +67,18 @@ def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None
     return time.perf_counter() - start, attended / codes.shape[1]
 
 
-def best_decode(make_decoder, model: GPT, codes: torch.Tensor, groups: torch.Tensor | None, repeats: int):
-    """One untimed warm-up decode, then the fastest of ``repeats`` -> (seconds, attended, last decoder)."""
-    decode(model, make_decoder(), codes, groups)
-    runs = []
+def best_decodes(cases, codes: torch.Tensor, repeats: int) -> list[tuple[float, float, object]]:
+    """cases: [(make_decoder, model, groups or None)]. One untimed warm-up decode of each, then
+    ``repeats`` rounds that run every case once, interleaved (so load changes hit all cases alike)
+    -> per case the fastest run (seconds, attended, its decoder)."""
+    for make_decoder, model, groups in cases:
+        decode(model, make_decoder(), codes, groups)
+    runs: list[list] = [[] for _ in cases]
     for _ in range(max(repeats, 1)):
-        decoder = make_decoder()
-        runs.append((*decode(model, decoder, codes, groups), decoder))
-    return min(runs, key=lambda run: run[0])
+        for runs_of_case, (make_decoder, model, groups) in zip(runs, cases):
+            decoder = make_decoder()
+            runs_of_case.append((*decode(model, decoder, codes, groups), decoder))
+    return [min(r, key=lambda run: run[0]) for r in runs]
 
 
 def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 0, device: str = "cpu",
@@ -91,10 +95,10 @@ def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 
     groups = torch.stack([run_groups(length, keep, generator) for _ in range(batch)])
     codes = torch.randint(0, raster.args.codebook_size, (batch, length), generator=generator).gather(1, groups)
     groups, codes = groups.to(device), codes.to(device)
-    raster_time, raster_attended, _ = best_decode(lambda: RasterDecoder(raster, batch), raster, codes, None, repeats)
     bound = mergear.args.prefix_tokens + keep + window + 1
-    merge_time, merge_attended, decoder = best_decode(
-        lambda: MergeARDecoder(mergear, batch, window, max_slots=bound), mergear, codes, groups, repeats)
+    (raster_time, raster_attended, _), (merge_time, merge_attended, decoder) = best_decodes(
+        [(lambda: RasterDecoder(raster, batch), raster, None),
+         (lambda: MergeARDecoder(mergear, batch, window, max_slots=bound), mergear, groups)], codes, repeats)
     stats = decoder.stats()
     raster_entries = raster.args.prefix_tokens + length
     return {

@@ -319,3 +319,34 @@ class CodeCache(Dataset):
         state = dict(self.__dict__)
         state["_handles"] = {}  # file handles do not travel to spawned workers
         return state
+
+
+class KeepPerSample(Dataset):
+    """One item per (source image, flip) of a cache that holds several K per image
+    (``mergevq.tokenize keeps_per_image=n``): each access returns one of that image's items, picked
+    with torch's global RNG, which ``SeededItems`` seeds by (seed, epoch, index), so K is drawn
+    afresh per sample and epoch and a resumed run draws the same."""
+
+    def __init__(self, cache: CodeCache):
+        self.cache = cache
+        items: dict[tuple[int, bool], list[int]] = {}
+        start = 0
+        for shard in cache.meta["shards"]:
+            with safe_open(str(cache.directory / shard["file"]), framework="pt") as handle:
+                keys = zip(handle.get_tensor("index").tolist(), handle.get_tensor("flip").tolist())
+                for offset, key in enumerate(keys):
+                    items.setdefault(key, []).append(start + offset)
+            start += int(shard["count"])
+        self.items = [items[key] for key in sorted(items)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        choices = self.items[i]
+        return self.cache[choices[int(torch.randint(len(choices), ())) if len(choices) > 1 else 0]]
+
+
+def training_items(cache: CodeCache) -> Dataset:
+    """What stage II iterates: ``KeepPerSample`` when the cache holds several K per image, else the cache."""
+    return KeepPerSample(cache) if int(cache.meta.get("keeps_per_image", 1)) > 1 else cache

@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from mergevq.data.fashion_mnist import FashionMNIST, fetch_fashion_mnist
 from mergevq.data.folder import ImageFolderDataset, imagenet
@@ -21,6 +22,8 @@ from mergevq.data.transforms import VIEW_KEYS, Views, three_views, val_views
 
 DATASETS = ("fashion_mnist", "photos", "folder", "imagenet")
 EVAL_SPLITS = ("val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -39,14 +42,32 @@ class LabelledViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        views, label = self.base[index]
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        item = self.base[index]
+        if item is None:  # an unreadable file of an evaluation split (see ImageFolderDataset)
+            return None
+        views, label = item
         return {**views, "label": torch.tensor(label, dtype=torch.int64)}
 
     @property
     def num_skipped(self) -> int:
         """Unreadable files skipped so far by the wrapped dataset (0 for in-memory datasets)."""
         return getattr(self.base, "num_skipped", 0)
+
+
+def readable_batch(items: list[dict | None]) -> dict[str, torch.Tensor | int]:
+    """DataLoader collate for evaluation: the readable items collated, plus ``num_skipped`` (the
+    unreadable ones, dropped and never replaced); a batch of only unreadable items has no tensors."""
+    kept = [item for item in items if item is not None]
+    return {**(default_collate(kept) if kept else {}), "num_skipped": len(items) - len(kept)}
+
+
+def is_held_out(name: str, split: str, root: str | Path | None) -> bool:
+    """Whether ``split`` of this dataset is held out from training: a 'folder' tree without a
+    ``root/<split>`` subfolder serves its training images for every split."""
+    if split not in EVAL_SPLITS:
+        return False
+    return name != "folder" or root is None or (Path(root).expanduser() / split).is_dir()
 
 
 def build_transform(split: str, size: int = 256, align_size: int = 224,
@@ -67,7 +88,8 @@ def _require_root(name: str, root: str | Path | None) -> Path:
 
 def build_dataset(name: str, split: str = "train", root: str | Path | None = None,
                   cache_dir: str | Path | None = None, size: int = 256, align_size: int = 224,
-                  views: Sequence[str] = VIEW_KEYS, augment: bool | None = None, **kwargs) -> LabelledViews:
+                  views: Sequence[str] = VIEW_KEYS, augment: bool | None = None, replace_unreadable: bool = True,
+                  **kwargs) -> LabelledViews:
     """A dataset of `{view key: float32 [3, S, S], "label": int64 []}` items.
 
     name: 'fashion_mnist' (root = folder of the IDX .gz files, default: fetched into cache_dir),
@@ -76,6 +98,8 @@ def build_dataset(name: str, split: str = "train", root: str | Path | None = Non
           cached under cache_dir).
     split: 'train', or 'val'/'test' (synonyms: each dataset maps them to its own held-out split).
     views/augment: see `build_transform`; evaluation splits get the single `image` view.
+    replace_unreadable: folder datasets only; False makes an unreadable file's item None (evaluation:
+        collate with `readable_batch`) instead of the next readable image.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -91,8 +115,12 @@ def build_dataset(name: str, split: str = "train", root: str | Path | None = Non
         base = Photos("val" if held_out else "train", transform=transform, **kwargs)
     elif name == "folder":
         root = _require_root(name, root)
-        base = ImageFolderDataset(root / split if (root / split).is_dir() else root, transform, **kwargs)
+        if held_out and not (root / split).is_dir():
+            log.warning("data.root=%s has no %s/ subfolder: the %s split is the training images themselves, "
+                        "NOT held out", root, split, split)
+        base = ImageFolderDataset(root / split if (root / split).is_dir() else root, transform,
+                                  replace_unreadable=replace_unreadable, **kwargs)
     else:
         root = _require_root(name, root)
-        base = imagenet(root, "val" if held_out else "train", cache_dir, transform, **kwargs)
+        base = imagenet(root, "val" if held_out else "train", cache_dir, transform, replace_unreadable, **kwargs)
     return LabelledViews(base)

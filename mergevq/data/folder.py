@@ -1,7 +1,8 @@
 """Class-folder image trees (`root/<class>/**/<image>`) and the ImageNet layout with a file-list cache.
 
-A file that fails to decode is skipped, counted and logged: the dataset returns the next
-readable sample instead, so an epoch never stops on one bad file.
+A file that fails to decode is skipped, counted and logged. For training the dataset returns the
+next readable sample instead, so an epoch never stops on one bad file; for evaluation
+(``replace_unreadable=False``) it returns None, so no image is counted twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mergevq.data.transforms import to_rgb
+from mergevq.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,12 @@ class ImageFolderDataset(Dataset):
 
     `samples` (relative path, label) pairs skip the scan (see `cached_file_list`). An unreadable
     file is logged, added to `skipped` and counted in `num_skipped`, and the next readable sample
-    (wrapping around) is returned. With DataLoader workers, each worker holds its own counter.
+    (wrapping around) is returned, or None with ``replace_unreadable=False``. With DataLoader workers,
+    each worker holds its own counter.
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None,
-                 samples: Sequence[Sample] | None = None):
+                 samples: Sequence[Sample] | None = None, replace_unreadable: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
@@ -70,8 +73,9 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise ValueError(f"no images found under {self.root} (expected {self.root}/<class>/<image>, "
                              f"extensions {', '.join(IMG_EXTENSIONS)})")
-        self.transform = transform
+        self.transform, self.replace_unreadable = transform, replace_unreadable
         self.skipped: set[str] = set()
+        self._first_error = ""
 
     @property
     def num_skipped(self) -> int:
@@ -85,15 +89,21 @@ class ImageFolderDataset(Dataset):
         for step in range(len(self.samples)):
             rel, label = self.samples[(index + step) % len(self.samples)]
             if rel in self.skipped:
+                if not self.replace_unreadable:
+                    return None
                 continue
             try:
                 img = load_image(self.root / rel)
             except Exception as err:  # any decoder failure: corrupt, truncated, unsupported mode
                 self.skipped.add(rel)
+                self._first_error = self._first_error or f"{self.root / rel}: {type(err).__name__}: {err}"
                 log.warning("skipping unreadable image %s (%s: %s)", self.root / rel, type(err).__name__, err)
+                if not self.replace_unreadable:
+                    return None
                 continue
             return (self.transform(img) if self.transform else img), label
-        raise RuntimeError(f"no readable image left under {self.root} ({self.num_skipped} skipped)")
+        raise DataError(f"every one of the {len(self.samples)} image files under {self.root} is unreadable (first: "
+                        f"{self._first_error}): replace the files or set data.root to another folder")
 
 
 def cached_file_list(root: str | Path, cache_dir: str | Path) -> list[Sample]:
@@ -122,7 +132,7 @@ def cached_file_list(root: str | Path, cache_dir: str | Path) -> list[Sample]:
 
 
 def imagenet(root: str | Path, split: str, cache_dir: str | Path,
-             transform: Callable | None = None) -> ImageFolderDataset:
+             transform: Callable | None = None, replace_unreadable: bool = True) -> ImageFolderDataset:
     """ImageNet-1k as `root/{train,val}/<wnid>/*.JPEG` (val sorted into class folders)."""
     if split not in ("train", "val"):
         raise ValueError(f"ImageNet split must be 'train' or 'val', got {split!r}")
@@ -130,4 +140,5 @@ def imagenet(root: str | Path, split: str, cache_dir: str | Path,
     if not folder.is_dir():
         raise FileNotFoundError(f"ImageNet split folder {folder} does not exist (expected "
                                 f"root/{split}/<wnid>/*.JPEG); set data.root=/path/to/imagenet")
-    return ImageFolderDataset(folder, transform, samples=cached_file_list(folder, cache_dir))
+    return ImageFolderDataset(folder, transform, samples=cached_file_list(folder, cache_dir),
+                              replace_unreadable=replace_unreadable)

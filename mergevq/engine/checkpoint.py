@@ -6,7 +6,10 @@ Layout of one checkpoint (``directory/step_{step:08d}/``)::
                          checkpoint ``metadata`` (dict[str, str]) as safetensors string metadata
     optim.pt             {"optimizers": {name: state_dict}} via torch.save; loads with weights_only=True
     rng_rank{r}.pt       RNG state of rank r (python, numpy, torch CPU, CUDA/NPU), one per rank
-    state.json           {"format_version", "step", "world_size", "models", "optimizers", "extra", "metadata"}
+    state.json           {"format_version", "step", "world_size", "models", "optimizers", "extra", "metadata",
+                         "files": {file name: sha256 hex} of every other file, verified at load}
+
+Checkpoints written before ``files`` existed still load, unverified (a log line says so).
 
 Atomicity: every file is written (and fsynced) into ``step_XXXXXXXX.tmp/``; the directory is then
 renamed to ``step_XXXXXXXX`` (atomic on POSIX) and the parent directory fsynced. A checkpoint dir
@@ -44,6 +47,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import CheckpointError
+from .integrity import read_checked as _read
+from .integrity import sha256_file, verify_files
+
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
 OPTIM_FILE = "optim.pt"
@@ -52,7 +59,7 @@ _TMP_RE = re.compile(r"^step_\d+\.tmp")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A state dict in a checkpoint does not fit the module it is loaded into (lists every problem)."""
 
 
@@ -182,7 +189,7 @@ def load_rng(path: Path, rank: int = 0) -> dict[str, Any] | None:
     file = _rng_file(path, rank)
     if not file.is_file():
         return None
-    return torch.load(file, map_location="cpu", weights_only=True)
+    return _read(file, lambda: torch.load(file, map_location="cpu", weights_only=True))
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -264,6 +271,7 @@ def finalize_checkpoint(
         "optimizers": sorted(optimizers),
         "extra": dict(extra),
         "metadata": meta,
+        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
     }
     state_file = tmp / STATE_FILE
     state_file.write_text(json.dumps(state, indent=2, sort_keys=True))
@@ -401,9 +409,16 @@ def cleanup_incomplete(directory: Path) -> list[Path]:
 
 def read_state(path: Path) -> dict[str, Any]:
     """The parsed ``state.json`` of checkpoint ``path``."""
-    state = json.loads((Path(path) / STATE_FILE).read_text())
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no {STATE_FILE}): give a run directory or "
+                              "its checkpoints/step_* directory")
+    try:
+        state = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is damaged ({error}): use another checkpoint") from None
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{path}: checkpoint format_version {state.get('format_version')} was written by another version "
             f"of mergevq; this version reads format_version {FORMAT_VERSION}"
         )
@@ -416,7 +431,7 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     if not file.is_file():
         have = sorted(p.stem for p in Path(path).glob("*.safetensors"))
         raise FileNotFoundError(f"{path}: no model '{name}' (checkpoint has {have})")
-    return load_file(str(file), device="cpu")
+    return _read(file, lambda: load_file(str(file), device="cpu"))
 
 
 def _load_into(name: str, target: Any, loaded: dict[str, torch.Tensor], strict: bool) -> dict[str, list[str]]:
@@ -466,11 +481,14 @@ def load_checkpoint(
     """
     path = Path(path)
     state = read_state(path)
+    files = [f"{name}.safetensors" for name in models] + ([OPTIM_FILE] if optimizers else [])
+    verify_files(path, [*files, _rng_file(path, rank).name], state)
     state["load_report"] = {
         name: _load_into(name, target, load_tensors(path, name), strict) for name, target in models.items()
     }
     if optimizers:
-        saved = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)["optimizers"]
+        optim_file = path / OPTIM_FILE
+        saved = _read(optim_file, lambda: torch.load(optim_file, map_location="cpu", weights_only=True))["optimizers"]
         absent = sorted(set(optimizers) - set(saved))
         if absent:
             raise KeyError(f"{path}: no optimizer state for {absent} (checkpoint has {sorted(saved)})")

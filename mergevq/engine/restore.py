@@ -8,10 +8,14 @@ from typing import Any
 import yaml
 from torch import nn
 
+from ..errors import CheckpointError, PathNotFound
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state
 from .session import check_format
 
 WEIGHT_NAMES = {"ema": "tokenizer_ema", "raw": "tokenizer"}
+# What each kind of checkpoint is, the model file that marks it and the entries that take it.
+KINDS = {"tokenizer": ("tokenizer", "a stage-I tokenizer run (train_tokenizer)", "evaluate, tokenize, reconstruct, probe"),
+         "generator": ("gpt", "a stage-II generator run (train_ar)", "sample")}
 # The ``_target_``s a stored config may name. Our builders read plain values and instantiate nothing,
 # so none is allowed: a checkpoint's config cannot make a loader import and call arbitrary code.
 ALLOWED_TARGETS: tuple[str, ...] = ()
@@ -26,7 +30,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(candidate)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no checkpoint under {path}: give a run directory or a checkpoints/step_* directory")
+    raise PathNotFound(f"no checkpoint under {path}{'' if path.exists() else ' (it does not exist)'}: give a run "
+                       "directory or a checkpoints/step_* directory")
+
+
+def require_kind(checkpoint: Path, kind: str, entry: str) -> None:
+    """Refuse a checkpoint of the other kind, saying what it is and which entries take it."""
+    models = read_state(checkpoint).get("models", [])
+    if KINDS[kind][0] in models:
+        return
+    for other, (marker, what, entries) in KINDS.items():
+        if other != kind and marker in models:
+            raise CheckpointError(f"{checkpoint} is {what}; {entry} takes {KINDS[kind][1]} (entries that take this "
+                                  f"one: {entries})")
+    raise CheckpointError(f"{checkpoint} holds {models}, not {KINDS[kind][1]}")
+
+
+def code_cache_of(config: dict[str, Any], checkpoint: Path) -> Path:
+    """The code cache a generator run trained on: runs store it absolute; older runs stored the path
+    as given, relative to where training ran (tried here relative to the current directory)."""
+    stored = Path(str(config["codes"])).expanduser()
+    tried = stored if stored.is_absolute() else Path.cwd() / stored
+    if not (tried / "index.json").is_file():
+        raise PathNotFound(f"the code cache of {checkpoint} (stored codes={config['codes']}) is not at {tried}: "
+                           "restore it there, or run from the directory training ran in")
+    return tried
 
 
 def _targets(tree: Any, key: str = "") -> list[tuple[str, Any]]:
@@ -62,6 +90,7 @@ def load_trained_tokenizer(path: str | Path, weights: str = "ema") -> tuple[nn.M
     if weights not in WEIGHT_NAMES:
         raise ValueError(f"weights={weights!r}: use ema or raw")
     checkpoint = resolve_checkpoint(path)
+    require_kind(checkpoint, "tokenizer", "this entry")
     config = stored_config(checkpoint)
     tokenizer = build_tokenizer(config["tokenizer"], config.get("variant"), config["quantizer"], config.get("recovery"))
     name = WEIGHT_NAMES[weights]
@@ -79,8 +108,9 @@ def load_trained_generator(path: str | Path, weights: str = "ema"):
     from .stage2 import cache_contents, generator_setup
 
     checkpoint = resolve_checkpoint(path)
+    require_kind(checkpoint, "generator", "sample")
     config = stored_config(checkpoint)
-    cache = CodeCache(config["codes"])
+    cache = CodeCache(code_cache_of(config, checkpoint))
     meta = {**cache.meta, **cache_contents(cache)}
     model, mergear = generator_setup(config, meta)
     name = "gpt_ema" if weights == "ema" and (checkpoint / "gpt_ema.safetensors").is_file() else "gpt"

@@ -242,7 +242,9 @@ class StepGuard:
         self.in_a_row += 1
         values = f"losses {[round(v, 6) for v in losses.tolist()]}, gradient norm {grad_norm:.6g}"
         if self.in_a_row >= self.max_bad_steps:
-            raise FloatingPointError(
+            from ..errors import TrainingStopped
+
+            raise TrainingStopped(
                 f"{self.in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
                 f"{self.max_bad_steps}); last: {values}: lower train.lr, set train.grad_clip or check the data"
             )

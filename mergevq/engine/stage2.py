@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.code_cache import CodeCache
+from ..data.code_cache import CodeCache, training_items
 from ..models.blocks import set_activation_checkpointing
 from ..models.gpt import GPT, gpt_args
-from ..models.mergear import MergeARConfig, keep_index, mergear_mask
+from ..models.mergear import MergeARConfig, mergear_inputs
 from .ema import EMA
 from .runner import (
     SeededItems,
@@ -48,6 +48,16 @@ def cache_contents(cache: CodeCache) -> dict[str, list[int]]:
     return {"keeps": sorted(int(k) for k in keeps), "classes": sorted(int(c) for c in labels)}
 
 
+def check_labels(labels: list[int], num_classes: int, where: str) -> None:
+    """Every class id in [0, num_classes); id num_classes is the CFG null class, so it may not be a label."""
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad:
+        from ..errors import DataError
+
+        raise DataError(f"{where} holds class ids {bad[:5]} outside [0, num_classes={num_classes}) (id {num_classes} "
+                        f"is the CFG null class): set num_classes={max(labels) + 1} or more")
+
+
 def generator_setup(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[GPT, MergeARConfig | None]:
     """Build the GPT for the cache's grid and codebook; MergeAR adds the [M] token over keep options.
 
@@ -63,11 +73,16 @@ def generator_setup(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[GP
     generator = cfg["generator"]
     if generator["kind"] == "raster":
         return GPT(args), None
+    if generator["kind"] == "randar":
+        from ..models.randar import build_randar
+
+        return build_randar(args, generator), None
     if generator["kind"] != "mergear":
-        raise ValueError(f"generator.kind={generator['kind']!r}: use raster or mergear")
+        raise ValueError(f"generator.kind={generator['kind']!r}: use raster, mergear or randar")
     keep_options = generator.get("keep_options") or meta.get("keep", {}).get("choices") or meta["keeps"]
-    mergear = MergeARConfig(window=generator["window"], keep_options=tuple(keep_options),
-                            duplicate_rule=generator.get("duplicate_rule", "adjacent"))
+    # keys a stored config lacks keep MergeARConfig's defaults: those of the runs made before them
+    options = {k: generator[k] for k in ("duplicate_rule", "mask_groups", "copy_head") if generator.get(k) is not None}
+    mergear = MergeARConfig(window=generator["window"], keep_options=tuple(keep_options), **options)
     return GPT(mergear.model_args(args)), mergear
 
 
@@ -78,8 +93,8 @@ class ARTrainingModel(nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, codes, labels, keep=None, mask=None, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-        return self.gpt.loss(codes, labels, keep, mask, label_smoothing=label_smoothing)
+    def forward(self, codes, labels, keep=None, mask=None, label_smoothing: float = 0.0, **extra) -> dict[str, torch.Tensor]:
+        return self.gpt.loss(codes, labels, keep, mask, label_smoothing=label_smoothing, **extra)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -99,10 +114,12 @@ class Stage2Trainer(Trainer):
         train = cfg["train"]
         seed_everything(cfg["seed"])
         self.cache = CodeCache(cfg["codes"])
+        contents = cache_contents(self.cache)
+        check_labels(contents["classes"], int(cfg["num_classes"]), f"the code cache {cfg['codes']}")
         acc = build_accelerator(cfg["backend"])
         session.attach(acc)
-        self.setup_loop(acc, SeededItems(self.cache, cfg["seed"]), "the code cache")
-        model, self.mergear = generator_setup(cfg, {**self.cache.meta, **cache_contents(self.cache)})
+        self.setup_loop(acc, SeededItems(training_items(self.cache), cfg["seed"]), "the code cache")
+        model, self.mergear = generator_setup(cfg, {**self.cache.meta, **contents})
         set_activation_checkpointing(model, bool(train.get("activation_checkpointing", False)))
         compile_in_place([model], cfg["backend"].get("compile", False))
         self.name = f"stage II ({cfg['generator']['kind']})"
@@ -130,12 +147,18 @@ class Stage2Trainer(Trainer):
         return {"loss": f"{logs['loss']:.4f}", "tok_s": f"{logs[self.throughput]:.0f}"}
 
     def batch_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Cache items -> GPT.loss inputs: targets are per-position codes; MergeAR adds [M] and its mask."""
+        """Cache items -> GPT.loss inputs: targets are per-position codes; MergeAR adds [M], its mask
+        and the copy targets (``mergear_inputs``)."""
         device = self.acc.device
+        if self.cfg["generator"]["kind"] == "randar":  # K codes + positions in a fresh random order
+            from ..data.randar_batch import randar_batch
+
+            inputs = randar_batch(batch["grid_codes"].to(device), batch["groups"].to(device), batch["keep"].to(device))
+            return {**inputs, "labels": batch["label"].to(device)}
         inputs = {"codes": batch["grid_codes"].to(device), "labels": batch["label"].to(device)}
         if self.mergear is not None:
-            inputs["keep"] = keep_index(batch["keep"], self.mergear.keep_options).to(device)
-            inputs["mask"] = mergear_mask(batch["groups"].to(device), self.mergear.window, prefix=2)
+            inputs.update(mergear_inputs(inputs["codes"], batch["groups"].to(device), batch["keep"].to(device),
+                                         self.mergear))
         return inputs
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:

@@ -7,6 +7,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..errors import DataError
 from .loggers import logger_from_config
 from .runner import SeededItems, StepGuard, batches_per_epoch, step_batches
 from .session import RunSession
@@ -33,7 +36,8 @@ class Trainer:
         self.micro_batch = train["global_batch_size"] // (world * train["grad_accum"])
         self.steps_per_epoch = batches_per_epoch(len(items), self.micro_batch, world) // train["grad_accum"]
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{what} ({len(items)} items) is smaller than one global batch")
+            raise DataError(f"{what} ({len(items)} items over {world} processes) is smaller than one global batch of "
+                            f"train.global_batch_size={train['global_batch_size']}: lower it or add data")
         self.guard = StepGuard(accelerator, train.get("max_bad_steps", 5))
         self.step, self.logger = 0, None
 
@@ -75,10 +79,16 @@ class Trainer:
                                      {"step": self.step, "skipped_steps": self.guard.skipped})
 
     def maybe_resume(self) -> None:
-        state = self.session.resume(self.cfg.get("resume", "auto"), self.checkpoint_modules(), self.checkpoint_optimizers())
+        optimizers = self.checkpoint_optimizers()
+        # The schedules were built from this run's config: keep its base learning rates over the stored ones.
+        fresh = {name: list(s.base_lrs) for name, s in optimizers.items() if isinstance(s, LambdaLR)}
+        state = self.session.resume(self.cfg.get("resume", "auto"), self.checkpoint_modules(), optimizers)
         if state is not None:
             self.step = int(state["step"])
             self.guard.skipped = int(state["extra"].get("skipped_steps", 0))
+            for name, base_lrs in fresh.items():
+                apply_base_lrs(optimizers[name], base_lrs)
+
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
@@ -116,3 +126,13 @@ class Trainer:
         self.logger.summary({f"final/{k}": v for k, v in last.items()})
         self.logger.finish()
         return last
+
+
+def apply_base_lrs(scheduler: LambdaLR, base_lrs: list[float]) -> None:
+    """Set a restored schedule's base learning rates and its optimizer's current ones (base x multiplier
+    at the restored step), so a resume with a new ``train.lr`` trains at it."""
+    scheduler.base_lrs = list(base_lrs)
+    for group, base, multiplier in zip(scheduler.optimizer.param_groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

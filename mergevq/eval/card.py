@@ -21,7 +21,6 @@ Optional: ``lpips`` {name, pretrained: bool, source}, ``warnings`` (extra lines)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mergevq.engine.checkpoint import atomic_write_text
+from mergevq.engine.integrity import sha256_file  # noqa: F401 (re-exported)
 
 JSON_NAME, MD_NAME = "eval_card.json", "eval_card.md"
 REQUIRED = (
@@ -56,15 +56,6 @@ def package_versions(*extra: str) -> dict[str, str | None]:
     """Installed versions of the packages that change evaluation numbers (and of `extra`; None when not
     installed)."""
     return {name: package_version(name) for name in (*PACKAGES, *extra)}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def lpips_info(module: Any, name: str = "lpips-vgg") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..data import build_dataset, default_cache_dir
+from ..data.datasets import is_held_out
 from ..engine.restore import load_trained_tokenizer
 from .card import package_versions, sha256_file, write_card
 from .features import FeatureCache, extractor_meta
@@ -23,8 +24,10 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
     _, tok_cfg, _ = load_trained_tokenizer(settings["tokenizer_checkpoint"], "raw")
     data = tok_cfg["data"]
     dataset = build_dataset(data["name"], "val", root=data.get("root"), cache_dir=data.get("cache_dir"), size=data["size"],
-                            align_size=data["align_size"], views=("image",), **dict(data.get("val_kwargs") or {}))
+                            align_size=data["align_size"], views=("image",), replace_unreadable=False,
+                            **dict(data.get("val_kwargs") or {}))
     count = min(len(dataset), cfg["evaluate"]["num_reference"])
+    held = is_held_out(data["name"], "val", data.get("root"))
     extractor = build_extractor(cfg["evaluate"]["features"])
     dataset_id = f"{data['name']}:{data.get('root')}:val:{count}"
     cache = FeatureCache(default_cache_dir() / "features")
@@ -32,7 +35,8 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
     reference = cache.cache_dir / f"{key}.stats.npz"
     features = cache.load(key)
     if features is None or not reference.is_file():
-        images = torch.stack([dataset[i]["image"] for i in range(count)])
+        items = [dataset[i] for i in range(count)]
+        images = torch.stack([item["image"] for item in items if item is not None])  # unreadable: dropped
         features, _, _ = reference_stats(extractor, images, reference, {"dataset": dataset_id})
         cache.save(key, features)
     metrics = generator_metrics(extractor, result["images"], reference, features)
@@ -52,7 +56,8 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
         "resize": "none (generated at the tokenizer's resolution)",
         "crop": "none",
         "num_images": int(len(result["images"])),
-        "reference": {"dataset": dataset_id, "num_images": count, "stats": str(reference)},
+        "reference": {"dataset": dataset_id, "num_images": int(features.shape[0]), "num_skipped": count - int(features.shape[0]),
+                      "held_out": held, "stats": str(reference)},
         "reference_stats_sha256": metrics["reference_stats_sha256"],
         "feature_extractor": {"name": meta["extractor"], "weights_sha256": meta["extractor_weights_sha256"],
                               "trained": meta["extractor_trained"]},

@@ -16,6 +16,7 @@ Multi-process use: shard the data without padding duplicates (or drop them befor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -143,6 +144,11 @@ class ReconstructionEvaluator:
 
     update(x [B, 3, H, W]); results() -> {K: {psnr, ssim, lpips, code_usage, code_entropy_bits,
     code_perplexity, num_tokens, num_images}}; features(K) -> [N, D] float32.
+
+    With a Source Recovery module (``tokenizer.recovery``) every K is also decoded with the groups it
+    predicts from the K codes and their first raster positions (the generation route of spec 7.5):
+    results add psnr_recovered, ssim_recovered, lpips_recovered and recovery_accuracy (fraction of
+    positions given their true owner); features(K, recovered=True) for its rFID.
     """
 
     def __init__(
@@ -163,6 +169,9 @@ class ReconstructionEvaluator:
         self.codebook_size = codebook_size or _codebook_size(tokenizer)
         self.collect_real_features = collect_real_features and feature_fn is not None
         self.acc = {k: _KeepAccumulator(self.codebook_size) for k in keeps}
+        self.recovers = getattr(tokenizer, "recovery", None) is not None
+        self.acc_recovered = {k: _KeepAccumulator(self.codebook_size) for k in keeps} if self.recovers else {}
+        self.recovery_hits = {k: torch.zeros(2, dtype=torch.int64) for k in self.acc_recovered}  # correct, positions
         self.real: list[np.ndarray] = []
         self.reduced = False
 
@@ -180,17 +189,28 @@ class ReconstructionEvaluator:
             self.real.append(_as_numpy(self.feature_fn(x)))
         for keep, acc in self.acc.items():
             tokens = self.tokenizer.encode(x, keep)
-            xrec = self.tokenizer.decode(tokens).float().clamp(-1, 1)
-            acc.sums[0] += psnr_per_image(xrec, x).sum().cpu()
-            acc.sums[1] += ssim_per_image(xrec, x).sum().cpu()
-            acc.counts[0] += x.shape[0]
-            if self.lpips is not None:
-                acc.sums[2] += self.lpips(xrec, x).double().sum().cpu()
-                acc.counts[1] += x.shape[0]
-            acc.codes.update(tokens.codes)
-            acc.num_tokens = tokens.codes.shape[1]
-            if self.feature_fn is not None:
-                acc.features.append(_as_numpy(self.feature_fn(xrec)))
+            self._accumulate(acc, self.tokenizer.decode(tokens), x, tokens.codes)
+            if self.recovers:
+                from ..models.positions import group_starts
+
+                starts = group_starts(tokens.groups, tokens.codes.shape[1])
+                groups = self.tokenizer.recover_groups(tokens.codes, starts)
+                self.recovery_hits[keep] += torch.tensor([int((groups == tokens.groups).sum()), groups.numel()])
+                xrec = self.tokenizer.decode(dataclasses.replace(tokens, groups=groups))
+                self._accumulate(self.acc_recovered[keep], xrec, x, tokens.codes)
+
+    def _accumulate(self, acc: _KeepAccumulator, xrec: torch.Tensor, x: torch.Tensor, codes: torch.Tensor) -> None:
+        xrec = xrec.float().clamp(-1, 1)
+        acc.sums[0] += psnr_per_image(xrec, x).sum().cpu()
+        acc.sums[1] += ssim_per_image(xrec, x).sum().cpu()
+        acc.counts[0] += x.shape[0]
+        if self.lpips is not None:
+            acc.sums[2] += self.lpips(xrec, x).double().sum().cpu()
+            acc.counts[1] += x.shape[0]
+        acc.codes.update(codes)
+        acc.num_tokens = codes.shape[1]
+        if self.feature_fn is not None:
+            acc.features.append(_as_numpy(self.feature_fn(xrec)))
 
     def merge(self, other: ReconstructionEvaluator) -> None:
         """Add another evaluator's accumulators (same keeps), e.g. one that saw another data shard."""
@@ -198,6 +218,9 @@ class ReconstructionEvaluator:
             raise ValueError(f"keeps differ: {self.keeps} vs {other.keeps}")
         for keep in self.keeps:
             self.acc[keep].merge(other.acc[keep])
+            if self.recovers:
+                self.acc_recovered[keep].merge(other.acc_recovered[keep])
+                self.recovery_hits[keep] += other.recovery_hits[keep]
         self.real.extend(other.real)
 
     def reduce(self, accelerator: Any) -> None:
@@ -209,7 +232,9 @@ class ReconstructionEvaluator:
         if self.reduced:
             raise RuntimeError("reduce() was already called")
         device = getattr(accelerator, "device", torch.device("cpu"))
-        for acc in self.acc.values():
+        for keep, hits in self.recovery_hits.items():
+            self.recovery_hits[keep] = accelerator.reduce(hits.to(device), reduction="sum").cpu()
+        for acc in [*self.acc.values(), *self.acc_recovered.values()]:
             acc.sums = accelerator.reduce(acc.sums.to(device), reduction="sum").cpu()
             acc.counts = accelerator.reduce(acc.counts.to(device), reduction="sum").cpu()
             acc.codes.counts = accelerator.reduce(acc.codes.counts.to(device), reduction="sum").cpu()
@@ -235,13 +260,25 @@ class ReconstructionEvaluator:
                 "num_tokens": acc.num_tokens,
                 "num_images": n,
             }
+            if self.recovers:
+                rec, (hit, total) = self.acc_recovered[keep], self.recovery_hits[keep].tolist()
+                n_rec, n_rec_lpips = int(rec.counts[0]), int(rec.counts[1])
+                out[keep].update(
+                    psnr_recovered=float(rec.sums[0]) / n_rec if n_rec else float("nan"),
+                    ssim_recovered=float(rec.sums[1]) / n_rec if n_rec else float("nan"),
+                    lpips_recovered=float(rec.sums[2]) / n_rec_lpips if n_rec_lpips else None,
+                    recovery_accuracy=hit / total if total else float("nan"),
+                )
         return out
 
-    def features(self, keep: int | None) -> np.ndarray:
-        """Reconstruction features at keep count K: [N, D] float32 (needs feature_fn)."""
+    def features(self, keep: int | None, recovered: bool = False) -> np.ndarray:
+        """Reconstruction features at keep count K: [N, D] float32 (needs feature_fn); recovered: of the
+        decodes with Source Recovery's predicted groups."""
         if self.feature_fn is None:
             raise ValueError("no feature_fn was given: there are no reconstruction features")
-        return _concat(self.acc[keep].features)
+        if recovered and not self.recovers:
+            raise ValueError("the tokenizer has no Source Recovery module: there are no recovered decodes")
+        return _concat((self.acc_recovered if recovered else self.acc)[keep].features)
 
     def real_features(self) -> np.ndarray:
         """Features of the input images: [N, D] float32 (needs feature_fn and collect_real_features)."""

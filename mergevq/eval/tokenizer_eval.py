@@ -12,6 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset, default_cache_dir
+from ..data.datasets import is_held_out, readable_batch
 from ..engine.loggers import RunLogger
 from ..engine.restore import load_trained_tokenizer
 from .card import lpips_info, package_versions, sha256_file, write_card
@@ -92,12 +93,14 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
     data = eval_data_config(run_cfg, cfg.get("data"))
     dataset = build_dataset(
         data["name"], cfg["split"], root=data.get("root"), cache_dir=data.get("cache_dir"), size=data["size"],
-        align_size=data["align_size"], views=("image",), **dict(data.get("val_kwargs") or {}),
+        align_size=data["align_size"], views=("image",), replace_unreadable=False, **dict(data.get("val_kwargs") or {}),
     )
+    held = is_held_out(data["name"], cfg["split"], data.get("root"))
     total = min(len(dataset), cfg.get("num_images") or len(dataset))
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = Subset(dataset, list(range(rank, total, world)))
-    loader = DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg.get("num_workers", 0))
+    loader = DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg.get("num_workers", 0),
+                        collate_fn=readable_batch)
 
     extractor = build_extractor(cfg["features"]).to(accelerator.device)
     cache = FeatureCache(Path(cfg.get("cache_dir") or default_cache_dir() / "features"))
@@ -119,9 +122,15 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc=f"evaluate K={keeps}", dynamic_ncols=True)
+    skipped = 0
     for batch in batches:
-        evaluator.update(batch["image"])
+        skipped += batch["num_skipped"]
+        if "image" in batch:
+            evaluator.update(batch["image"])
     evaluator.reduce(accelerator)
+    import torch
+
+    skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum"))
     if not accelerator.is_main_process:
         return {}
 
@@ -133,6 +142,8 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
     for keep in keeps:
         row = {"keep": keep if keep is not None else results[keep]["num_tokens"], **results[keep]}
         row["rfid"] = fid_from_features(real, evaluator.features(keep), method="eigh")
+        if evaluator.recovers:  # the same K decoded with Source Recovery's predicted groups
+            row["rfid_recovered"] = fid_from_features(real, evaluator.features(keep, recovered=True), method="eigh")
         rows.append(row)
     meta = extractor_meta(extractor)
     weights_file = checkpoint / f"{'tokenizer_ema' if cfg['weights'] == 'ema' else 'tokenizer'}.safetensors"
@@ -146,7 +157,9 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         "image_size": data["size"],
         "resize": f"bilinear {data['size']} (shorter side)",
         "crop": f"center {data['size']}",
-        "num_images": total,
+        "num_images": total - skipped,
+        "num_skipped": skipped,  # unreadable files: dropped, never replaced by another image
+        "held_out": held,
         "dataset": dataset_id,
         "reference_stats_sha256": None,
         "real_features_cache": str(cache.path(key)),
@@ -157,6 +170,12 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         "package_versions": package_versions(),
         "processes": world,
     }
+    if not held:
+        card["split_note"] = (f"data.root has no {cfg['split']}/ subfolder: these are the training images, "
+                              "NOT a held-out split")
+        log.warning("evaluation split: %s", card["split_note"])
+    if skipped:
+        log.warning("%d of %d images were unreadable and are not counted", skipped, total)
     if lpips is not None:
         card["lpips"] = lpips_info(lpips)
     json_path, md_path = write_card(run_dir, card)
@@ -164,5 +183,8 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         card["plot"] = str(plot_per_k(rows, run_dir / "per_k.png", not meta["extractor_trained"]))
     for row in rows:
         log.info("K=%s rFID=%.3f PSNR=%.2f SSIM=%.4f usage=%.4f", row["keep"], row["rfid"], row["psnr"], row["ssim"], row["code_usage"])
+        if "rfid_recovered" in row:
+            log.info("K=%s predicted groups: rFID=%.3f PSNR=%.2f recovery accuracy=%.4f", row["keep"],
+                     row["rfid_recovered"], row["psnr_recovered"], row["recovery_accuracy"])
     log.info("evaluation card: %s, %s", json_path, md_path)
     return card

@@ -181,7 +181,32 @@ def from_pretrained(
         cls = HubGenerator
     else:
         raise ValueError(f"{dir_or_repo}: config.json is neither a mergevq tokenizer nor a generator config")
+    check_config_json(config, cls.kind, str(dir_or_repo))
     return cls.from_pretrained(str(dir_or_repo), map_location=map_location, **options)
+
+
+def check_config_json(config: dict[str, Any], kind: str, where: str) -> None:
+    """Refuse a config.json with keys our builders do not take, or any ``_target_`` (nothing is
+    instantiated from a hub folder), naming them."""
+    from ..config_check import ConfigError
+    from ..engine.restore import _targets
+
+    targets = [key for key, _ in _targets(config)]
+    if targets:
+        raise ConfigError(f"{where}/config.json names _target_ entries ({', '.join(targets)}): mergevq builds models "
+                          "from plain values only; remove them")
+    if kind == "tokenizer":
+        known = set(TOKENIZER_KEYS)
+    else:
+        known = {f.name for f in dataclasses.fields(ModelArgs)} | {"mergear"}
+        mergear = config.get("mergear") or {}
+        unknown = sorted(set(mergear) - {f.name for f in dataclasses.fields(MergeARConfig)})
+        if unknown:
+            raise ConfigError(f"{where}/config.json: unknown mergear keys {unknown}: remove them")
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ConfigError(f"{where}/config.json: unknown keys {unknown} for a {kind} (known: {', '.join(sorted(known))}): "
+                          "remove them")
 
 
 def _resolve(model_id: str, filename: str, **options) -> str:

@@ -123,6 +123,7 @@ def build_tokenizer(
             depth=recovery.get("depth", 2),
             num_heads=recovery.get("num_heads", 8),
             drop_path=recovery.get("drop_path", 0.0),
+            key_positions=recovery.get("key_positions", True),
         )
     return MergeVQTokenizer(
         encoder,

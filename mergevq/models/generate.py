@@ -16,7 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergevq.models.gpt import GPT, GuidedDecoder
+from mergevq.models.budget import BUDGETS, banned_codes, decide, decision_logits
+from mergevq.models.decoders import RasterDecoder
+from mergevq.models.gpt import GPT
 from mergevq.models.mergear import MergeARDecoder
 
 
@@ -54,51 +56,6 @@ def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-class RasterDecoder(GuidedDecoder):
-    """Plain raster decoding (LlamaGen): token l's K/V go to slot P + l; every query sees everything
-    before it. Same interface as ``MergeARDecoder`` (prefill, assign, feed, decode_one, stats)."""
-
-    def __init__(self, model: GPT, batch: int, cfg: bool = False):
-        self.model, self.batch, self.cfg = model, batch, cfg
-        self.prefix, self.length = model.args.prefix_tokens, model.args.seq_len
-        self.caches = model.setup_cache(2 * batch if cfg else batch, self.prefix + self.length)
-        device = model.cls_embedding.weight.device
-        self.codes = torch.zeros(batch, self.length, dtype=torch.long, device=device)
-        self.n_assigned = self.n_fed = 0
-
-    def prefill(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
-        return self._prefill(labels, keep)
-
-    def assign(self, code: Tensor, known_group: Tensor | None = None) -> Tensor:
-        self.codes[:, self.n_assigned] = code
-        self.n_assigned += 1
-        return torch.ones_like(code, dtype=torch.bool)
-
-    def feed(self) -> Tensor:
-        if self.n_fed >= self.n_assigned:
-            raise RuntimeError("assign the token before feeding it")
-        h = self.model.decode_one(self._rows(self.codes[:, self.n_fed]), self.n_fed)
-        self.n_fed += 1
-        return h
-
-    def decode_one(self, code: Tensor, known_group: Tensor | None = None) -> Tensor:
-        self.assign(code)
-        return self.feed()
-
-    def stats(self) -> dict:
-        n, p = self.n_assigned, self.prefix
-        device = self.codes.device
-        peak = p + max(self.n_fed - 1, 0)
-        return {
-            "peak_cache": peak,
-            "peak_cache_per_row": torch.full((self.batch,), peak, device=device),
-            "peak_live": p + self.n_fed,
-            "slots_used": p + self.n_fed,
-            "num_groups": torch.full((self.batch,), n, device=device),
-            "groups": torch.arange(n, device=device).expand(self.batch, n).clone(),
-        }
-
-
 def _per_part(value, k: int, name: str) -> tuple:
     if isinstance(value, Sequence):
         if len(value) != k:
@@ -107,14 +64,21 @@ def _per_part(value, k: int, name: str) -> tuple:
     return (value,) * k
 
 
-def _sample_code(model: GPT, h: Tensor, cfg: bool, guide: bool, scales, temps, top_ks, top_ps, generator):
-    """h [rows, D] -> one sampled code per sequence [B], part by part."""
+def _sample_code(model: GPT, h: Tensor, cfg: bool, guide: bool, scales, temps, top_ks, top_ps, generator,
+                 taken: tuple[Tensor, Tensor] | None = None):
+    """h [rows, D] -> one sampled code per sequence [B], part by part.
+
+    taken: (codes [B, S], mask [B, S]) of existing groups: values that would complete one of those
+    codes get no probability (a row keeps them only where nothing else is left)."""
     parts: list[Tensor] = []
     for j in range(model.num_parts):
         logits = model.next_part_logits(h, [torch.cat([q, q]) if cfg else q for q in parts])
         if cfg:
             cond, uncond = logits.chunk(2)
             logits = cfg_logits(cond, uncond, scales[j]) if guide else cond
+        if taken is not None:
+            ban = banned_codes(model, *taken, parts, logits.shape[-1])
+            logits = logits.masked_fill(ban & ~ban.all(-1, keepdim=True), float("-inf"))
         parts.append(sample_logits(logits, temps[j], top_ks[j], top_ps[j], generator))
     return model.join(parts)
 
@@ -134,7 +98,9 @@ def generate(
     keep: int | Tensor | None = None,
     mergear: bool = False,
     window: int = 16,
-    duplicate_rule: str = "adjacent",
+    duplicate_rule: str = "same_code_any",
+    budget: str = "off",
+    budget_keep: int | Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Sample codes [B, steps] (raster order, steps defaults to L) for class labels [B].
 
@@ -143,6 +109,8 @@ def generate(
     outside it the conditional logits are used. None: everywhere.
     keep: merge-instruction index (int or [B]) for models with a [M] token.
     mergear: decode with ``MergeARDecoder`` (window, duplicate_rule) instead of the raster cache.
+    budget: MergeAR's copy decision (budget.py): 'strict' | 'soft' | 'off' (the sampled code and
+    duplicate_rule decide the group); budget_keep: the K (int or [B]) that 'strict' enforces.
     Returns (codes, stats) with stats from the decoder (peak_cache, peak_live, slots_used,
     num_groups [B], groups [B, steps]) plus seconds and tokens_per_s.
     """
@@ -161,6 +129,14 @@ def generate(
         generator.manual_seed(seed)
     if keep is not None:
         keep = torch.as_tensor(keep, dtype=torch.long, device=device).expand(batch)
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    decides = mergear and budget != "off"
+    if decides and budget == "strict" and budget_keep is None:
+        raise ValueError("budget='strict' needs budget_keep (the K to enforce)")
+    if decides:
+        budget_keep = torch.as_tensor(length if budget_keep is None else budget_keep, dtype=torch.long,
+                                      device=device).expand(batch)
     if mergear:
         decoder = MergeARDecoder(model, batch, window, duplicate_rule, cfg=cfg)
     else:
@@ -172,15 +148,30 @@ def generate(
         h = decoder.prefill(labels, keep)
         for pos in range(steps):
             guide = cfg and (cfg_interval is None or cfg_interval[0] <= pos / steps < cfg_interval[1])
-            code = _sample_code(model, h, cfg, guide, scales, temps, top_ks, top_ps, generator)
-            if pos + 1 < steps:
-                h = decoder.decode_one(code)
+            group = None
+            if decides:
+                logits = decision_logits(model, decoder, h, cfg, guide, scales, temps)
+                choice = decide(logits, decoder.open_groups, budget_keep, length - pos, budget,
+                                model.args.codebook_size, generator)
+                source = (choice - 1).clamp_min(0)
+                code = _sample_code(model, h, cfg, guide, scales, temps, top_ks, top_ps, generator,
+                                    taken=(decoder.codes[:, :pos], decoder.is_first[:, :pos]))
+                copy = choice > 0
+                if pos:
+                    code = torch.where(copy, decoder.codes[decoder.rows, source], code)
+                    group = torch.where(copy, decoder.groups[decoder.rows, source], pos)
+                else:
+                    group = torch.full_like(code, 0)
             else:
-                decoder.assign(code)
+                code = _sample_code(model, h, cfg, guide, scales, temps, top_ks, top_ps, generator)
+            if pos + 1 < steps:
+                h = decoder.decode_one(code, group)
+            else:
+                decoder.assign(code, group)
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)
         model.clear_cache()
     stats = decoder.stats()
-    stats.update(seconds=seconds, tokens_per_s=batch * steps / max(seconds, 1e-9))
+    stats.update(seconds=seconds, tokens_per_s=batch * steps / max(seconds, 1e-9), steps=steps)
     return decoder.codes[:, :steps].clone(), stats

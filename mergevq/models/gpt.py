@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from mergevq.models.blocks import Recomputable
 from mergevq.models.lfq import join_codes, split_codes
+from mergevq.models.rope import apply_rope, rope_2d
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -73,6 +74,7 @@ class ModelArgs:
     prefix_tokens: int = 1  # 1: [C]; 2: [C] [M] (MergeAR merge instruction)
     num_keep_options: int = 0  # rows of the merge-instruction table (0: no [M] token)
     zero_prefix_rope: bool = True  # official quirk: prefix q/k zeroed (False: identity rotation)
+    copy_head: bool = False  # MergeAR: a pointer head choosing "new group" or "copy an earlier group"
 
     def __post_init__(self):
         if self.factorized_bits is None and self.vocab_size is None:
@@ -135,39 +137,6 @@ def gpt_args(size: str, **overrides) -> ModelArgs:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rotary position embedding
-# --------------------------------------------------------------------------------------------------
-def rope_2d(
-    grid: tuple[int, int], head_dim: int, base: float = 10000.0, prefix: int = 1, zero_prefix: bool = True
-) -> Tensor:
-    """(cos, sin) table [prefix + h * w, head_dim // 2, 2] for 2D RoPE.
-
-    Raster position l = (r, c) rotates pair i < n by r * f_i and pair n + i by c * f_i, with
-    n = head_dim // 4 and f_i = base^(-i / n). Prefix rows are (0, 0) if zero_prefix else (1, 0).
-    """
-    h, w = grid
-    n = head_dim // 4
-    freqs = base ** (-torch.arange(n, dtype=torch.float64) / n)
-    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
-    cols = torch.arange(w, dtype=torch.float64).repeat(h)
-    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # [L, head_dim // 2]
-    table = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    pre = torch.zeros(prefix, 2 * n, 2, dtype=torch.float64)
-    if not zero_prefix:
-        pre[..., 0] = 1.0
-    return torch.cat([pre, table]).float()
-
-
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """x [B, T, H, Dh], rope [T, Dh/2, 2] -> x with pair (x_2i, x_2i+1) rotated by rope[t, i]."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xp = x.to(dtype).unflatten(-1, (-1, 2))
-    cos, sin = (rope[None, :, None, :, i].to(dtype) for i in (0, 1))
-    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
-    return out.flatten(-2).to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
@@ -196,15 +165,15 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, k: Tensor, v: Tensor, slots: slice | Tensor, span: int) -> tuple[Tensor, Tensor]:
-        """k, v [B, H, T, Dh]; slots: a slice of T slots shared by all rows, or [B] int64 (T = 1)."""
+        """k, v [B, H, T, Dh]; slots: a slice of T slots shared by all rows, or (T = 1) a scatter index
+        [B, H, 1, Dh] int64 holding each row's slot (``slot_index``)."""
         b = k.shape[0]
         if b > self.k.shape[0] or span > self.k.shape[2]:
             raise ValueError(f"cache of {tuple(self.k.shape[:3:2])} (batch, slots) is too small for "
                              f"batch {b}, span {span}")
         if isinstance(slots, Tensor):
-            rows = torch.arange(b, device=k.device)
-            self.k[rows, :, slots] = k[:, :, 0]
-            self.v[rows, :, slots] = v[:, :, 0]
+            self.k[:b].scatter_(2, slots, k)
+            self.v[:b].scatter_(2, slots, v)
         else:
             self.k[:b, :, slots] = k
             self.v[:b, :, slots] = v
@@ -278,6 +247,38 @@ class TransformerBlock(Recomputable):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class CopyHead(nn.Module):
+    """Pointer head of MergeAR's explicit copy decision: at raster position l, "new group" or "copy
+    the group whose first occurrence is m" for an earlier first occurrence m < l.
+
+    One attention-like head with 2D RoPE, so the score sees where m lies relative to l:
+    score(l, m) = <rot_l(W_q n(h_l)), rot_m(W_k n(o_m))> / sqrt(Dh), where h_l [.., D] is the spatial
+    output that predicts token l and o_m the spatial output at the input holding token m (for m < L - 1
+    that is h_{m+1}); the "new" logit is a linear function of n(h_l). Column 0 of the logits is "new",
+    column 1 + m copies m.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.wq = nn.Linear(args.dim, args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.head_dim, bias=False)
+        self.new = nn.Linear(args.dim, 1)
+        self.scale = args.head_dim**-0.5
+
+    def keys(self, out: Tensor, rope: Tensor) -> Tensor:
+        """out [B, T, D] (outputs at the inputs holding tokens m), rope [T, Dh/2, 2] -> keys [B, T, Dh]."""
+        return apply_rope(self.wk(self.norm(out))[:, :, None], rope)[:, :, 0]
+
+    def logits(self, h: Tensor, rope: Tensor, keys: Tensor, allowed: Tensor) -> Tensor:
+        """h [B, T, D] (outputs predicting tokens l), rope [T, Dh/2, 2], keys [B, S, Dh], allowed [B, T, S]
+        bool (m is an earlier first occurrence) -> logits [B, T, 1 + S] (float32; -inf where not allowed)."""
+        z = self.norm(h)
+        q = apply_rope(self.wq(z)[:, :, None], rope)[:, :, 0]
+        scores = _wide(torch.einsum("btd,bsd->bts", q, keys) * self.scale).masked_fill(~allowed, float("-inf"))
+        return torch.cat([_wide(self.new(z)), scores], dim=-1)
+
+
 def _wide(x: Tensor) -> Tensor:
     """Logits in float32 or wider."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -301,6 +302,7 @@ class GPT(nn.Module):
         self.intra_blocks = nn.ModuleList(TransformerBlock(args) for _ in range(args.intra_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(args.dim, v, bias=False) for v in vocab)
+        self.copy_head = CopyHead(args) if args.copy_head else None
 
         rope = rope_2d(args.grid, args.head_dim, args.rope_base, args.prefix_tokens, args.zero_prefix_rope)
         p = args.prefix_tokens
@@ -318,6 +320,8 @@ class GPT(nn.Module):
                 nn.init.ones_(m.weight)
         for head in self.heads:
             nn.init.zeros_(head.weight)
+        if self.copy_head is not None:
+            nn.init.zeros_(self.copy_head.new.bias)
 
     @property
     def null_class(self) -> int:
@@ -394,21 +398,37 @@ class GPT(nn.Module):
         ((logits_pre [B, L, 64], logits_post [B, L, 4096]) for (6, 12); a 1-tuple for a plain head)."""
         return self.head_logits(self.hidden(codes, labels, keep, mask), codes)
 
+    def copy_logits(self, h: Tensor, first: Tensor) -> Tensor:
+        """Teacher-forced copy decision: h [B, L, D] from ``hidden``, first [B, L] bool (token m is the
+        first occurrence of its group) -> logits [B, L, L] (column 0: new group, 1 + m: copy m < l)."""
+        length, p = h.shape[1], self.args.prefix_tokens
+        rope = self.rope[p : p + length]
+        keys = self.copy_head.keys(h[:, 1:], rope[:-1])  # o_m = h_{m+1}, m = 0 .. L-2
+        idx = torch.arange(length, device=h.device)
+        allowed = (idx[None, :-1] < idx[:, None]) & first[:, None, :-1]
+        return self.copy_head.logits(h, rope, keys, allowed)
+
     def loss(
         self, codes: Tensor, labels: Tensor, keep: Tensor | None = None, mask: Tensor | None = None,
-        label_smoothing: float = 0.0,
+        label_smoothing: float = 0.0, copy_target: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Sum over parts of the cross-entropy (mean over all B * L positions).
 
+        copy_target [B, L] int64 (0: new group, 1 + m: copy the group first seen at m), for a model
+        with a copy head: adds "loss_copy", the cross-entropy of the copy decision over positions 1 .. L-1.
         Returns {"loss"} plus {"loss_pre", "loss_post"} for two parts ({"loss_part{j}"} for more).
         """
-        logits = self(codes, labels, keep, mask)
+        h = self.hidden(codes, labels, keep, mask)
+        logits = self.head_logits(h, codes)
         names = ("pre", "post") if len(logits) == 2 else tuple(f"part{j}" for j in range(len(logits)))
-        out = {}
-        for name, lg, target in zip(names, logits, self.split(codes)):
-            out[f"loss_{name}"] = F.cross_entropy(lg.flatten(0, -2), target.flatten(), label_smoothing=label_smoothing)
-        out = {"loss": sum(out.values()), **out} if len(logits) > 1 else {"loss": out[f"loss_{names[0]}"]}
-        return out
+        terms = {f"loss_{name}": F.cross_entropy(lg.flatten(0, -2), target.flatten(), label_smoothing=label_smoothing)
+                 for name, lg, target in zip(names, logits, self.split(codes))}
+        if self.copy_head is not None and copy_target is not None:
+            copy = self.copy_logits(h, copy_target == 0)[:, 1:]
+            terms["loss_copy"] = F.cross_entropy(copy.flatten(0, 1), copy_target[:, 1:].flatten())
+        if len(terms) == 1:
+            return {"loss": next(iter(terms.values()))}
+        return {"loss": sum(terms.values()), **terms}
 
     # ---- cached inference -------------------------------------------------------------------------
     def next_part_logits(self, h: Tensor, prev: Sequence[Tensor] = ()) -> Tensor:
@@ -457,31 +477,15 @@ class GPT(nn.Module):
         rope = self.rope[p + pos : p + pos + 1]
         if slots is None:
             slots, span, mask = slice(p + pos, p + pos + 1), p + pos + 1, None
-        else:
-            span, mask = live.shape[1], live[:, None, None, :]
+        else:  # one scatter index and one additive mask for all layers
+            b, (n_head, head_dim) = codes.shape[0], (self.args.n_head, self.args.head_dim)
+            slots = slots.view(b, 1, 1, 1).expand(b, n_head, 1, head_dim)
+            span = live.shape[1]
+            mask = torch.zeros(live.shape, dtype=x.dtype, device=x.device).masked_fill_(~live, float("-inf"))
+            mask = mask[:, None, None, :]
         for layer, cache in zip(self.layers, self._caches()):
             x = layer(x, rope, mask, cache, slots, span)
         return x[:, 0]
-
-
-class GuidedDecoder:
-    """Base of the incremental decoders (raster, MergeAR): with ``cfg`` the model runs 2B rows
-    [cond; uncond] that share the sampled tokens, the uncond half conditioned on the null class.
-    Subclasses set ``model`` and ``cfg``."""
-
-    model: GPT
-    cfg: bool
-
-    def _rows(self, x: Tensor) -> Tensor:
-        """x [B, ...] -> [2B, ...] (twice) with CFG, else x."""
-        return torch.cat([x, x]) if self.cfg else x
-
-    def _prefill(self, labels: Tensor, keep: Tensor | None) -> Tensor:
-        """labels [B], keep [B] or None -> h [rows, D] predicting token 0."""
-        if self.cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.model.null_class)])
-            keep = None if keep is None else self._rows(keep)
-        return self.model.prefill(labels, keep)
 
 
 def build_gpt(size: str = "b", **overrides) -> GPT:

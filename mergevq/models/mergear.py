@@ -6,31 +6,46 @@ is [C] [M] e(t_0) .. e(t_{L-2}) (P = 2 prefix tokens): [M], the merge instructio
 of the keep count K, stored as an index into a list of ``keep_options`` (K must be one of them;
 the index, not K itself, is what the model sees, so an option list is part of a checkpoint).
 
+Groups of a sequence (``sequence_groups``). One rule decides them for the training mask, the copy
+targets and the inference position cache: with ``mask_groups='codes'`` (default) a token starts a
+group iff no earlier token has its code, else it joins the group of the first token with that code
+(``code_groups``; the inference rule 'same_code_any' is the same function applied token by token, so
+a model fed the true sequence rebuilds the training mask exactly). ``mask_groups='tokenizer'`` uses
+the tokenizer's groups instead (the official source matrix; two groups may share a code, and no
+inference rule can rebuild them from the codes alone).
+
 Mask (input index P + l holds token l, see ``gpt.py``): the query holding token l may attend to
 the key holding token m iff m == l, or l - w <= m < l (the w most recent tokens), or m < l is the
 first occurrence of its group (rep(m) == m, rep = smallest raster index of the group). Prefix keys
 are always visible, prefix queries are causal. Later duplicates that left the window are hidden,
 i.e. evicted from the KV cache at inference.
 
+Copy decision (``copy_head``): a pointer head (``gpt.CopyHead``) scores "new group" against every
+earlier first occurrence, trained with cross-entropy on the groups above (``copy_targets``). At
+inference a copy sets the token's code to the copied group's code; "new" samples a code that no
+group has yet. ``budget`` (generate.py) can force either decision so that a sample opens exactly K
+groups.
+
 Inference (``MergeARDecoder``): after token l is sampled its group is decided (``duplicate_rule``,
 or forced with ``known_group``) and recorded in the position cache (groups, is_first, codes); then
 the duplicate that just left the window (token l - w - 1, if not a first occurrence) is evicted and
-token l is fed. KV slot scheme: slot reuse. Each row keeps a boolean map of live slots; a new entry
-takes the lowest free slot of its row, an evicted entry frees its slot, and attention runs over
-slots [0, span) with the live map as mask, span >= the slot high-water mark. Keys carry their RoPE
-position, so this gives the same logits as the masked full forward. The high-water mark lives on the
-device and grows by at most one slot per token, so the host bounds it without waiting for the device
-and re-reads it only every ``sync_every`` tokens (attending over at most sync_every - 1 dead slots).
+token l is fed. KV slot scheme: slot reuse. One token enters per step and at most one leaves, so the
+new entry takes the slot of the duplicate that leaves, or else the next fresh slot: the live slots of
+a row are always [0, used), attention runs over slots [0, span) with span >= max(used) and the mask
+slot < used. Keys carry their RoPE position, so which slot holds an entry does not matter and this
+gives the same logits as the masked full forward. ``used`` lives on the device and grows by at most
+one per token, so the host bounds it without waiting for the device and re-reads it only every
+``sync_every`` tokens (attending over at most sync_every - 1 dead slots).
 Between steps a row holds at most P + K + w entries (K = groups so far); the query's own entry makes
 P + K + w + 1 while a step attends. The buffers have ``max_slots`` slots (default P + L, the
 no-duplicate worst case), allocated once.
 
-Duplicate rules (the paper only says "check duplication"; all are config options):
-  'adjacent' (default): token l joins the group of its left neighbour (same row) if their codes are
-      equal, else that of its upper neighbour if their codes are equal, else it starts a group
-      (a group shares one code, so this compares with the cached first occurrence of the
-      neighbour's group; groups can only grow rightwards and downwards under this rule).
-  'same_code_any': it joins the earliest group whose first occurrence has the same code.
+Duplicate rules (used when the sampler does not decide the group itself, i.e. ``budget='off'``):
+  'same_code_any' (default): token l joins the group of the first token with the same code (equal
+      to the training groups of ``mask_groups='codes'``).
+  'adjacent': it joins the group of its left neighbour (same row) if their codes are equal, else
+      that of its upper neighbour if their codes are equal, else it starts a group. ToMe groups are
+      not contiguous, so this opens more groups than the data has (the pre-copy-head default).
   'none': every token starts its own group (no eviction: the raster baseline).
 """
 
@@ -42,10 +57,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from mergevq.models.gpt import GPT, GuidedDecoder, ModelArgs
+from mergevq.models.decoders import GuidedDecoder
+from mergevq.models.gpt import GPT, ModelArgs
 from mergevq.models.tokens import Tokens
 
-DUPLICATE_RULES = ("adjacent", "same_code_any", "none")
+DUPLICATE_RULES = ("same_code_any", "adjacent", "none")
+MASK_GROUPS = ("codes", "tokenizer")
 
 
 @dataclass
@@ -54,12 +71,18 @@ class MergeARConfig:
 
     window: recent-window size w (the figure uses 2; default: one row of the 16 x 16 grid).
     keep_options: the keep counts K the merge-instruction table covers (index i <-> keep_options[i]).
-    duplicate_rule: how inference decides that a sampled token duplicates an existing group.
+    duplicate_rule: how inference decides that a sampled token duplicates an existing group when the
+        sampler does not decide it (budget off).
+    mask_groups: 'codes' (groups from code equality, as inference sees them) or 'tokenizer'.
+    copy_head: train and use the explicit copy decision (pointer head).
+    The defaults of a config that lacks a key are those of checkpoints made before the key existed.
     """
 
     window: int = 16
     keep_options: tuple[int, ...] = (256,)
     duplicate_rule: str = "adjacent"
+    mask_groups: str = "tokenizer"
+    copy_head: bool = False
 
     def __post_init__(self):
         self.keep_options = tuple(int(k) for k in self.keep_options)
@@ -67,10 +90,13 @@ class MergeARConfig:
             raise ValueError(f"window must be >= 0, got {self.window}")
         if self.duplicate_rule not in DUPLICATE_RULES:
             raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {self.duplicate_rule!r}")
+        if self.mask_groups not in MASK_GROUPS:
+            raise ValueError(f"mask_groups must be one of {MASK_GROUPS}, got {self.mask_groups!r}")
+        self.copy_head = bool(self.copy_head)
 
     def model_args(self, base: ModelArgs) -> ModelArgs:
-        """base with the [C] [M] prefix and a merge-instruction table of len(keep_options) rows."""
-        return replace(base, prefix_tokens=2, num_keep_options=len(self.keep_options))
+        """base with the [C] [M] prefix, a merge-instruction table of len(keep_options) rows and the copy head."""
+        return replace(base, prefix_tokens=2, num_keep_options=len(self.keep_options), copy_head=self.copy_head)
 
 
 def representative(groups: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,6 +113,27 @@ def representative(groups: Tensor) -> tuple[Tensor, Tensor]:
     first = first.scatter_reduce(1, groups, index, reduce="amin")
     rep = first.gather(1, groups)
     return rep, rep == index
+
+
+def code_groups(codes: Tensor) -> Tensor:
+    """codes [B, L] -> groups [B, L]: the raster index of the first token with the same code
+    (so a group's id is its representative, as the inference position cache numbers them)."""
+    same = codes[:, :, None] == codes[:, None, :]
+    return same.to(torch.uint8).argmax(-1)  # first True along m (there is one: m == l)
+
+
+def sequence_groups(codes: Tensor, groups: Tensor, mask_groups: str = "codes") -> Tensor:
+    """The groups MergeAR trains on: code_groups(codes) ('codes') or the tokenizer's groups [B, L]."""
+    if mask_groups not in MASK_GROUPS:
+        raise ValueError(f"mask_groups must be one of {MASK_GROUPS}, got {mask_groups!r}")
+    return code_groups(codes) if mask_groups == "codes" else groups
+
+
+def copy_targets(groups: Tensor) -> Tensor:
+    """groups [B, L] -> copy-decision targets [B, L] int64: 0 where a token starts a group, 1 + rep(l)
+    (copy the group first seen at rep(l)) where it duplicates one (column layout of ``GPT.copy_logits``)."""
+    rep, is_first = representative(groups)
+    return torch.where(is_first, 0, rep + 1)
 
 
 def token_mask(groups: Tensor, window: int) -> Tensor:
@@ -123,12 +170,58 @@ def keep_index(keep: int | Sequence[int] | Tensor, keep_options: Sequence[int]) 
     return match.long().argmax(-1)
 
 
+def rule_group(rule: str, pos: int, code: Tensor, codes: Tensor, groups: Tensor, is_first: Tensor,
+               grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The inference duplicate rule for token ``pos``: code [B] given the earlier tokens' codes,
+    groups and is_first ([B, >= pos], columns < pos used) -> (group id [B], is a duplicate [B] bool);
+    a new group's id is pos."""
+    group = torch.full_like(code, pos)
+    dup = torch.zeros_like(code, dtype=torch.bool)
+    if pos == 0 or rule == "none":
+        return group, dup
+    if rule == "same_code_any":
+        match = (codes[:, :pos] == code[:, None]) & is_first[:, :pos]
+        dup = match.any(1)
+        return torch.where(dup, groups[:, :pos].gather(1, match.long().argmax(1, keepdim=True))[:, 0], group), dup
+    if rule != "adjacent":
+        raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {rule!r}")
+    r, c = divmod(pos, grid[1])
+    neighbours = ([pos - grid[1]] if r else []) + ([pos - 1] if c else [])
+    for m in neighbours:  # the left neighbour, checked last, wins
+        same = codes[:, m] == code
+        group, dup = torch.where(same, groups[:, m], group), dup | same
+    return group, dup
+
+
+def rule_groups(codes: Tensor, grid: tuple[int, int], rule: str) -> Tensor:
+    """codes [B, L] -> the groups [B, L] the inference rule finds, token by token (for measuring a rule
+    against the tokenizer's groups; 'same_code_any' equals ``code_groups``)."""
+    groups = torch.full_like(codes, -1)
+    is_first = torch.zeros_like(codes, dtype=torch.bool)
+    for pos in range(codes.shape[1]):
+        group, dup = rule_group(rule, pos, codes[:, pos], codes, groups, is_first, grid)
+        groups[:, pos], is_first[:, pos] = group, ~dup
+    return groups
+
+
+def mergear_inputs(codes: Tensor, groups: Tensor, keep: Tensor, config: MergeARConfig, prefix: int = 2) -> dict[str, Tensor]:
+    """codes [B, L] (per-position code grid), groups [B, L] (tokenizer groups), keep [B] (K) ->
+    the MergeAR inputs of ``GPT.loss``: keep (merge-instruction index), mask [B, T, T] and, with a
+    copy head, copy_target [B, L]. The groups come from ``sequence_groups(config.mask_groups)``."""
+    groups = sequence_groups(codes, groups, config.mask_groups)
+    out = {"keep": keep_index(keep, config.keep_options).to(codes.device),
+           "mask": mergear_mask(groups, config.window, prefix)}
+    if config.copy_head:
+        out["copy_target"] = copy_targets(groups)
+    return out
+
+
 def mergear_batch(tokens: Tokens, config: MergeARConfig, prefix: int = 2) -> dict[str, Tensor]:
-    """Training inputs for ``GPT.loss(labels=..., **batch)``: codes [B, L] (y_l = code of l's group),
-    keep [B] (merge-instruction index of K = tokens.keep) and the MergeAR mask [B, T, T]."""
+    """Training inputs for ``GPT.loss(labels=..., **batch)`` from encoded tokens: codes [B, L]
+    (y_l = code of l's group) plus ``mergear_inputs``."""
     codes = tokens.code_grid()
-    keep = keep_index(tokens.keep, config.keep_options).to(codes.device).expand(codes.shape[0])
-    return {"codes": codes, "keep": keep, "mask": mergear_mask(tokens.groups, config.window, prefix)}
+    keep = torch.as_tensor(tokens.keep, device=codes.device).expand(codes.shape[0])
+    return {"codes": codes, **mergear_inputs(codes, tokens.groups, keep, config, prefix)}
 
 
 class MergeARDecoder(GuidedDecoder):
@@ -136,12 +229,14 @@ class MergeARDecoder(GuidedDecoder):
 
     batch B sequences; with cfg=True the model runs 2B rows [cond; uncond] that share the tokens,
     groups and slots. State (all [B, L]): codes, groups (-1 = not yet decided), is_first, slot_of
-    (-1 = no live entry); live [B, max_slots] bool.
+    (-1 = not fed; an evicted token's slot holds a later token); used [B] (live slots [0, used)).
     Use: h = prefill(labels, keep); then per token: h = decode_one(code) (decides the group of the
     token, evicts, feeds it); ``assign`` alone decides the group of a token that is never fed.
+    With a copy head, ``copy_logits(h)`` scores "new" against the first occurrences so far; the keys
+    of fed tokens are kept in copy_keys [B, L, Dh] (cond rows).
     """
 
-    def __init__(self, model: GPT, batch: int, window: int, duplicate_rule: str = "adjacent",
+    def __init__(self, model: GPT, batch: int, window: int, duplicate_rule: str = "same_code_any",
                  cfg: bool = False, max_slots: int | None = None, sync_every: int = 16):
         if duplicate_rule not in DUPLICATE_RULES:
             raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {duplicate_rule!r}")
@@ -157,21 +252,23 @@ class MergeARDecoder(GuidedDecoder):
         self.groups = torch.full(shape, -1, dtype=torch.long, device=device)
         self.is_first = torch.zeros(shape, dtype=torch.bool, device=device)
         self.slot_of = torch.full(shape, -1, dtype=torch.long, device=device)
-        self.live = torch.zeros(batch, self.max_slots, dtype=torch.bool, device=device)
+        self.used = torch.zeros(batch, dtype=torch.long, device=device)  # live slots of a row: [0, used)
+        self.slot_range = torch.arange(self.max_slots, device=device)
         self.rows = torch.arange(batch, device=device)
         self.n_assigned = self.n_fed = 0
-        self.high_device = torch.zeros((), dtype=torch.long, device=device)  # slot high-water mark over rows
-        self.span = 0  # host-side bound of it: attention runs over slots [0, span)
-        self.peak_cache = torch.zeros(batch, dtype=torch.long, device=device)  # held between steps
+        self.span = 0  # host-side bound of max(used): attention runs over slots [0, span)
         self.peak_live = torch.zeros(batch, dtype=torch.long, device=device)  # attended by one query
+        self.open_groups = torch.zeros(batch, dtype=torch.long, device=device)
+        self.copy_keys = None
+        if model.copy_head is not None:
+            self.copy_keys = torch.zeros(batch, self.length, model.args.head_dim, device=device,
+                                         dtype=model.cls_embedding.weight.dtype)
 
     def prefill(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
         """labels [B], keep [B] -> h [rows, D] predicting token 0 (uncond rows use the null class)."""
         h = self._prefill(labels, keep)
-        self.live[:, : self.prefix] = True
-        self.high_device.fill_(self.prefix)
+        self.used.fill_(self.prefix)
         self.span = self.prefix
-        self.peak_cache.fill_(self.prefix)
         self.peak_live.fill_(self.prefix)
         return h
 
@@ -181,59 +278,54 @@ class MergeARDecoder(GuidedDecoder):
         known_group [B]: force the group id (first iff no earlier token has it); else the rule
         decides and a new group's id is its raster index l.
         """
-        pos, rows = self.n_assigned, self.rows
+        pos = self.n_assigned
         if pos >= self.length:
             raise RuntimeError("all positions are assigned")
-        seen_codes, seen_groups = self.codes[:, :pos], self.groups[:, :pos]
-        group = torch.full_like(code, pos)
-        dup = torch.zeros_like(code, dtype=torch.bool)
         if known_group is not None:
             group = known_group.to(code.device)
-            dup = (seen_groups == group[:, None]).any(1)
-        elif pos == 0 or self.rule == "none":
-            pass
-        elif self.rule == "same_code_any":
-            match = (seen_codes == code[:, None]) & self.is_first[:, :pos]
-            dup = match.any(1)
-            group = torch.where(dup, seen_groups[rows, match.long().argmax(1)], group)
-        elif self.rule == "adjacent":
-            r, c = divmod(pos, self.model.args.grid[1])
-            neighbours = ([pos - self.model.args.grid[1]] if r else []) + ([pos - 1] if c else [])
-            for m in neighbours:  # the left neighbour, checked last, wins
-                same = seen_codes[:, m] == code
-                group, dup = torch.where(same, seen_groups[:, m], group), dup | same
+            dup = (self.groups[:, :pos] == group[:, None]).any(1)
+        else:
+            group, dup = rule_group(self.rule, pos, code, self.codes, self.groups, self.is_first, self.model.args.grid)
         self.codes[:, pos], self.groups[:, pos], self.is_first[:, pos] = code, group, ~dup
+        self.open_groups += ~dup
         self.n_assigned += 1
         return ~dup
 
     def feed(self) -> Tensor:
         """Evict the duplicate leaving the window and feed the next assigned token -> h [rows, D]."""
-        pos, rows = self.n_fed, self.rows
+        pos = self.n_fed
         if pos >= self.n_assigned:
             raise RuntimeError("assign the token before feeding it")
         old = pos - self.window - 1
-        if old >= 0:
-            evict = ~self.is_first[:, old] & (self.slot_of[:, old] >= 0)
-            slot = self.slot_of[:, old].clamp_min(0)
-            self.live[rows, slot] &= ~evict
-            self.slot_of[:, old] = torch.where(evict, -1, self.slot_of[:, old])
-        held = self.live.sum(1)
-        slot = (~self.live).long().argmax(1)  # lowest free slot of each row
-        if self.bounded and bool(self.live[rows, slot].any()):
-            raise RuntimeError(f"KV cache of {self.max_slots} slots is full")
-        self.live[rows, slot] = True
+        if old >= 0:  # the new entry takes the slot of the duplicate that leaves, else a fresh one
+            evict = ~self.is_first[:, old]
+            slot = torch.where(evict, self.slot_of[:, old], self.used)
+            self.used += ~evict
+        else:
+            slot = self.used.clone()
+            self.used += 1
         self.slot_of[:, pos] = slot
-        self.high_device = torch.maximum(self.high_device, slot.max() + 1)
-        self.span = min(self.span + 1, self.max_slots)  # the lowest free slot is at most the old mark
-        if (pos + 1) % self.sync_every == 0:
-            self.span = int(self.high_device)
-        self.peak_cache = torch.maximum(self.peak_cache, held)
-        self.peak_live = torch.maximum(self.peak_live, held + 1)
-        h = self.model.decode_one(
-            self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(self.live[:, : self.span])
-        )
+        self.span += 1  # live slots are [0, used) and used grows by at most one per token
+        if self.span > self.max_slots or (pos + 1) % self.sync_every == 0:
+            self.span = int(self.used.max())
+            if self.span > self.max_slots:
+                raise RuntimeError(f"KV cache of {self.max_slots} slots is full")
+        self.peak_live = torch.maximum(self.peak_live, self.used)
+        live = self.slot_range[: self.span] < self.used[:, None]
+        h = self.model.decode_one(self._rows(self.codes[:, pos]), pos, slots=self._rows(slot), live=self._rows(live))
+        if self.copy_keys is not None:
+            rope = self.model.rope[self.prefix + pos : self.prefix + pos + 1]
+            self.copy_keys[:, pos] = self.model.copy_head.keys(h[: self.batch, None], rope)[:, 0]
         self.n_fed += 1
         return h
+
+    def copy_logits(self, h: Tensor) -> Tensor:
+        """h [rows, D] predicting token l = n_assigned -> [B, 1 + l] logits (cond rows): column 0 "new
+        group", 1 + m "copy the group first seen at m" (-inf where m is not a first occurrence)."""
+        pos = self.n_assigned
+        rope = self.model.rope[self.prefix + pos : self.prefix + pos + 1]
+        allowed = self.is_first[:, None, :pos]
+        return self.model.copy_head.logits(h[: self.batch, None], rope, self.copy_keys[:, :pos], allowed)[:, 0]
 
     def decode_one(self, code: Tensor, known_group: Tensor | None = None) -> Tensor:
         """assign(code, known_group) then feed() -> h [rows, D] predicting the next token."""
@@ -241,9 +333,19 @@ class MergeARDecoder(GuidedDecoder):
         return self.feed()
 
     @property
+    def live(self) -> Tensor:
+        """[B, max_slots] bool: the slots holding live entries (prefix, first occurrences, the window)."""
+        return self.slot_range < self.used[:, None]
+
+    @property
     def high(self) -> int:
         """Slot high-water mark over rows (reads the device)."""
-        return int(self.high_device)
+        return int(self.used.max())
+
+    @property
+    def peak_cache(self) -> Tensor:
+        """[B] most entries each row held between steps (<= P + K + w); the query's own makes one more."""
+        return (self.peak_live - 1).clamp_min(self.prefix)
 
     def stats(self) -> dict:
         """peak_cache: most entries held between steps (<= P + K + w); peak_live: most entries one

@@ -9,6 +9,7 @@ from .decoder import MergeVQDecoder
 from .encoder import MergeVQEncoder
 from .lfq import LFQ
 from .merge import canonical_order, merge_schedule, unmerge
+from .positions import group_starts
 from .recovery import SourceRecovery, recovery_loss
 from .tokens import Tokens, square_grid
 
@@ -84,12 +85,18 @@ class MergeVQTokenizer(nn.Module):
         """Per-position codes [B, L] (what a raster or MergeAR generator emits) -> image."""
         return self.decode_positions(self.quantizer.code_vectors(codes), grid or square_grid(codes.shape[1]))
 
-    def decode_recovered(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Codes [B, K] in canonical order without groups: predict groups with Source Recovery, decode."""
+    def recover_groups(self, codes: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes [B, K] in canonical order (and their groups' first raster positions [B, K]) ->
+        groups [B, L] predicted by Source Recovery."""
         if self.recovery is None:
-            raise ValueError("this tokenizer has no Source Recovery module (variant without recovery)")
-        z_q = self.quantizer.code_vectors(codes)
-        return self._decode_latents(z_q, self.recovery.predict_groups(z_q), grid)
+            raise ValueError("this tokenizer has no Source Recovery module (train it with recovery.enabled=true)")
+        return self.recovery.predict_groups(self.quantizer.code_vectors(codes), starts)
+
+    def decode_recovered(self, codes: torch.Tensor, grid: tuple[int, int], starts: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """Codes [B, K] in canonical order without groups: predict groups with Source Recovery, decode."""
+        groups = self.recover_groups(codes, starts)
+        return self._decode_latents(self.quantizer.code_vectors(codes), groups, grid)
 
     def forward(self, x: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, dict]:
         """Training/eval pass -> (xrec, aux). aux: z, codes, groups, cls, losses (quantizer terms and,
@@ -98,7 +105,7 @@ class MergeVQTokenizer(nn.Module):
         xrec = self._decode_latents(z_q, groups, grid)
         losses = dict(losses)
         if self.recovery is not None:
-            logits = self.recovery(z_q)
+            logits = self.recovery(z_q, group_starts(groups, z_q.shape[1]))
             losses["recovery"] = recovery_loss(logits, groups)
             losses["recovery_accuracy"] = (logits.argmax(-1) == groups).float().mean().detach()
         return xrec, {"z": z, "codes": codes, "groups": groups, "cls": cls, "losses": losses}
