@@ -173,6 +173,7 @@ def test_accelerator_takes_the_launcher_precision(monkeypatch):
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     backend = {"name": "cpu", "device": "cpu", "mixed_precision": None}
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests in this process built one
     try:
         assert build_accelerator(backend).mixed_precision == "bf16"
         with pytest.raises(UserError, match="launcher asks for bf16"):
