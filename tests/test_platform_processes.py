@@ -5,10 +5,12 @@ single-node 2-process run."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,8 +57,14 @@ def test_stopped_killed_and_resumed_run_is_one_wandb_run(tmp_path):
              "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
 
     def train(*overrides: str, **more: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, *overrides], cwd=ROOT, env=env(**extra, **more), capture_output=True, text=True,
-                              timeout=300)
+        """One run in its own process group; what it leaves running (wandb-core after a SIGKILL) is
+        killed with the group, as SLURM kills every process of a job that it requeues."""
+        proc = subprocess.Popen([*cmd, *overrides], cwd=ROOT, env=env(**extra, **more), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        out, err = proc.communicate(timeout=300)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     for overrides in (("train.max_steps=4", "train.interrupt_at=2"), ("train.max_steps=4",)):
         proc = train(*overrides)
