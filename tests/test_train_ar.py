@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import ROOT, TINY_PHOTOS, write_tokenizer_run
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +34,8 @@ from mergevq.cli import CONF_DIR
 from mergevq.data.code_cache import CodeCache
 from mergevq.engine.restore import load_trained_generator
 from mergevq.engine.schedules import lr_lambda
+from mergevq.models.gpt import GPT, gpt_args
+from mergevq.models.mergear import MergeARConfig, mergear_inputs
 from mergevq.sampling import sample_images
 from mergevq.train_ar import task as train_ar_task
 
@@ -350,6 +353,54 @@ def test_duplicate_rules_on_the_real_code_cache(codes):
         assert 1 <= r["same_code_any_groups"] <= r["keep"] <= r["none_groups"] == 64
         assert r["adjacent_groups"] >= r["same_code_any_groups"]
         assert 0 <= r["adjacent_agreement"] <= 1 and 0 <= r["same_code_any_agreement"] <= 1
+
+
+def test_copy_head_loss_goes_down_on_real_codes(codes):
+    """The copy decision learns from the code grids ``mergevq.tokenize`` wrote (8 images, 40 steps)."""
+    cache = CodeCache(codes)
+    items = [cache[i] for i in range(8)]
+    grid, groups = (torch.stack([item[k] for item in items]) for k in ("grid_codes", "groups"))
+    keep, labels = (torch.stack([item[k] for item in items]) for k in ("keep", "label"))
+    config = MergeARConfig(window=4, keep_options=tuple(KEEP_CHOICES), mask_groups="codes", copy_head=True)
+    torch.manual_seed(0)
+    args = gpt_args("tiny", grid=(8, 8), num_classes=NUM_CLASSES, class_dropout=0.0, token_dropout=0.0,
+                    resid_dropout=0.0, ffn_dropout=0.0)
+    model = GPT(config.model_args(args))
+    inputs = mergear_inputs(grid, groups, keep, config)
+    assert int((inputs["copy_target"] > 0).sum()) > 0  # the real grids hold duplicates to copy
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        out = model.loss(grid, labels, **inputs)
+        losses.append(float(out["loss_copy"].detach()))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_run_from_before_the_copy_head_still_samples(work, codes):
+    """A run whose stored config predates mask_groups / copy_head / the same_code_any default (the keys
+    removed from its state.json, its weights without a copy head) loads as the old model and samples at
+    the defaults: budget strict, via the token heads' exact copy mass, exactly K groups."""
+    run = train(work / "before_copy_head", codes, "generator=mergear", "generator.copy_head=false",
+                "generator.mask_groups=tokenizer", "generator.duplicate_rule=adjacent")
+    checkpoint = step_dir(run, 4)
+    state = json.loads((checkpoint / "state.json").read_text())
+    config = yaml.safe_load(state["metadata"]["config"])
+    for key in ("mask_groups", "copy_head", "duplicate_rule"):
+        del config["generator"][key]
+    state["metadata"]["config"] = yaml.safe_dump(config)
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    assert not any(k.startswith("copy_head") for k in load_file(checkpoint / "gpt.safetensors"))
+
+    result = sample_images(sample_config(f"ckpt={run}", "per_class=2", "classes=[0,1]", "keep=25"),
+                           torch.device("cpu"))
+    settings = result["settings"]
+    assert settings["copy_head"] is False and settings["duplicate_rule"] == "adjacent"
+    assert settings["budget"] == "strict" and settings["keep"] == 25
+    assert [len(set(row.tolist())) for row in result["codes"]] == [25] * 4
+    assert result["stats"]["groups_max"] == 25 and result["stats"]["peak_kv_max"] <= 2 + 25 + 16
 
 
 def test_trained_mergear_benchmark(mergear_run, tmp_path, capsys):

@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.ckpt and not args.codes:
         parser.error("give --ckpt (a trained MergeAR run) and/or --codes (a code cache)")
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args) -> dict:
     result: dict = {"machine": _machine()}
     if args.ckpt:
         keeps = ([int(k) for k in args.keeps.split(",")] if args.keeps

@@ -481,8 +481,7 @@ class GPT(nn.Module):
             b, (n_head, head_dim) = codes.shape[0], (self.args.n_head, self.args.head_dim)
             slots = slots.view(b, 1, 1, 1).expand(b, n_head, 1, head_dim)
             span = live.shape[1]
-            mask = torch.zeros(live.shape, dtype=x.dtype, device=x.device).masked_fill_(~live, float("-inf"))
-            mask = mask[:, None, None, :]
+            mask = torch.where(live, 0.0, float("-inf")).to(x.dtype)[:, None, None, :]
         for layer, cache in zip(self.layers, self._caches()):
             x = layer(x, rope, mask, cache, slots, span)
         return x[:, 0]

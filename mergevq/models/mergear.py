@@ -35,7 +35,8 @@ a row are always [0, used), attention runs over slots [0, span) with span >= max
 slot < used. Keys carry their RoPE position, so which slot holds an entry does not matter and this
 gives the same logits as the masked full forward. ``used`` lives on the device and grows by at most
 one per token, so the host bounds it without waiting for the device and re-reads it only every
-``sync_every`` tokens (attending over at most sync_every - 1 dead slots).
+``sync_every`` tokens (attending over at most sync_every - 1 dead slots; default 16 on an
+accelerator, every token on the CPU, where reading a tensor costs no device sync).
 Between steps a row holds at most P + K + w entries (K = groups so far); the query's own entry makes
 P + K + w + 1 while a step attends. The buffers have ``max_slots`` slots (default P + L, the
 no-duplicate worst case), allocated once.
@@ -237,15 +238,15 @@ class MergeARDecoder(GuidedDecoder):
     """
 
     def __init__(self, model: GPT, batch: int, window: int, duplicate_rule: str = "same_code_any",
-                 cfg: bool = False, max_slots: int | None = None, sync_every: int = 16):
+                 cfg: bool = False, max_slots: int | None = None, sync_every: int | None = None):
         if duplicate_rule not in DUPLICATE_RULES:
             raise ValueError(f"duplicate_rule must be one of {DUPLICATE_RULES}, got {duplicate_rule!r}")
         self.model, self.batch, self.window, self.rule, self.cfg = model, batch, window, duplicate_rule, cfg
         self.prefix, self.length = model.args.prefix_tokens, model.args.seq_len
         self.max_slots = max_slots or self.prefix + self.length
-        self.sync_every = max(int(sync_every), 1)
-        self.bounded = self.max_slots < self.prefix + self.length  # only then can the cache fill up
         device = model.cls_embedding.weight.device
+        # reading a CPU tensor costs no device sync: there the span is exact after every token
+        self.sync_every = max(int(sync_every or (1 if device.type == "cpu" else 16)), 1)
         self.caches = model.setup_cache(2 * batch if cfg else batch, self.max_slots)
         shape = (batch, self.length)
         self.codes = torch.zeros(shape, dtype=torch.long, device=device)
@@ -286,10 +287,11 @@ class MergeARDecoder(GuidedDecoder):
             dup = (self.groups[:, :pos] == group[:, None]).any(1)
         else:
             group, dup = rule_group(self.rule, pos, code, self.codes, self.groups, self.is_first, self.model.args.grid)
-        self.codes[:, pos], self.groups[:, pos], self.is_first[:, pos] = code, group, ~dup
-        self.open_groups += ~dup
+        first = ~dup
+        self.codes[:, pos], self.groups[:, pos], self.is_first[:, pos] = code, group, first
+        self.open_groups += first
         self.n_assigned += 1
-        return ~dup
+        return first
 
     def feed(self) -> Tensor:
         """Evict the duplicate leaving the window and feed the next assigned token -> h [rows, D]."""
@@ -298,9 +300,9 @@ class MergeARDecoder(GuidedDecoder):
             raise RuntimeError("assign the token before feeding it")
         old = pos - self.window - 1
         if old >= 0:  # the new entry takes the slot of the duplicate that leaves, else a fresh one
-            evict = ~self.is_first[:, old]
-            slot = torch.where(evict, self.slot_of[:, old], self.used)
-            self.used += ~evict
+            kept = self.is_first[:, old]
+            slot = torch.where(kept, self.used, self.slot_of[:, old])
+            self.used += kept
         else:
             slot = self.used.clone()
             self.used += 1
