@@ -7,9 +7,11 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook
+.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook check-docs
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
+# make reconstruct's default input: the two photos scikit-learn ships (china.jpg, flower.jpg)
+INPUT ?= $(shell $(PY) -c "import pathlib, sklearn.datasets as d; print(pathlib.Path(d.__file__).parent / 'images')")
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -27,13 +29,16 @@ install: $(STAMP) ## make .venv (pip, torch pinned by constraints.txt)
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest -q $(ARGS)
 
+check-docs: $(STAMP) ## every README / make help command composes as printed (tests/test_docs.py)
+	$(PY) -m pytest -q tests/test_docs.py $(ARGS)
+
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check mergevq tests
 
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.summary $(ARGS)
 
-demo: $(STAMP) ## the whole pipeline on the CPU (~15 min): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
+demo: $(STAMP) ## the whole pipeline on the CPU (about 15 minutes): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.train_tokenizer experiment=demo_tiny $(ARGS)
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=100 lpips.enabled=false
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
@@ -69,7 +74,7 @@ bench-ar: $(STAMP) ## raster vs MergeAR vs RandAR decoding (JSON in outputs/benc
 	$(PY) -m mergevq.benchmarks.ar_randar $(ARGS)
 	$(if $(CKPT),$(PY) -m mergevq.benchmarks.ar_trained --ckpt $(CKPT) $(if $(RASTER),--raster $(RASTER)) $(if $(CODES),--codes $(CODES)))
 
-reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo INPUT=img_or_dir KEEP=[16,36,64]
+reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo KEEP=[16,36,64] (INPUT=img_or_dir; default: scikit-learn's photos)
 	$(PY) -m mergevq.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)
 
 export-hub: $(STAMP) ## a training run as a hub folder (safetensors, config.json, model card): make export-hub CKPT=outputs/demo OUT=hub/demo
@@ -88,7 +93,7 @@ train-multinode: $(STAMP) ## one node of a multi-node run: make train-multinode 
 sweep-slurm: $(STAMP) ## Hydra sweep on SLURM (submitit, requeue + resume): make sweep-slurm SWEEP=merge_ratio ARGS="experiment=... backend=gpu"
 	$(PY) -m mergevq.train_tokenizer -m hydra/launcher=slurm sweep=$(SWEEP) $(ARGS)
 
-train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 data.root=..."
+train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 paths.data=/data paths.weights=/weights"
 	$(PY) -m mergevq.train_tokenizer $(ARGS)
 
 train-tokenizer-ddp: $(STAMP) ## stage I on NPROC CPU processes (torchrun); GPUs: see README

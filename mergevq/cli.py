@@ -43,6 +43,71 @@ def precheck_overrides(config_name: str, overrides: list[str]) -> None:
         _fail(" ".join(text.split()))
 
 
+ENTRY_KIND = {"train_tokenizer": "a tokenizer (stage I) preset", "train_ar": "a generator (stage II) preset"}
+
+
+def preset_entry(name: str) -> str | None:
+    """The entry an ``experiment=`` preset is for (its ``task:``, also through the presets it extends)."""
+    path = CONF_DIR / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if data.get("task"):
+        return data["task"]
+    for item in data.get("defaults", []):
+        if isinstance(item, str) and item != "_self_":
+            return preset_entry(item)
+    return None
+
+
+def entry_presets(config_name: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if preset_entry(p.stem) == config_name)
+
+
+def check_preset(config_name: str, overrides: list[str]) -> None:
+    """``experiment=X`` names a preset of this entry; another entry's preset is one line saying whose."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key not in ("experiment", "experiment@_global_") or not value:
+            continue
+        for name in value.split(","):  # a multirun may list several
+            owner = preset_entry(name)
+            if owner is not None and owner != config_name:
+                kind = ENTRY_KIND.get(owner, f"a preset of mergevq.{owner}")
+                _fail(f"experiment={name} is {kind} for mergevq.{owner}, not mergevq.{config_name}: run "
+                      f"python -m mergevq.{owner} experiment={name} ...; presets of mergevq.{config_name}: "
+                      f"{', '.join(entry_presets(config_name)) or '(none)'}")
+
+
+def entry_help(config_name: str) -> str:
+    """``--help`` of one entry: its header, the config groups its defaults list uses with their options
+    (``experiment``: only this entry's presets), its footer."""
+    import yaml
+
+    data = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text())
+    help_cfg = data.get("hydra", {}).get("help", {})
+    lines = [help_cfg.get("header", f"mergevq.{config_name}").rstrip(), "", "== Configuration groups ==", "Choose one option per group as group=option:"]
+    for item in data.get("defaults", []):
+        if not isinstance(item, dict):
+            continue
+        (key, default), = item.items()
+        group = key.replace("optional ", "").strip()
+        if group.startswith(("hydra", "override")):
+            continue
+        options = entry_presets(config_name) if group == "experiment" else sorted(
+            p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        if group == "local" and not options:
+            lines.append("local: optional per-machine settings in conf/local/default.yaml (not tracked; none here)")
+            continue
+        lines.append(f"{group}: {', '.join(options)}" + (f"  [default: {default}]" if default else ""))
+    footer = help_cfg.get("footer", "")
+    if footer:
+        lines += ["", footer.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
 def one_line_errors(task: Callable) -> Callable:
     """``task`` with known failures (:class:`mergevq.errors.UserError`) turned into one ``error:`` line on
     stderr and exit status 2; with ``HYDRA_FULL_ERROR=1`` they propagate with their traceback."""
@@ -68,6 +133,10 @@ def run_entry(config_name: str, task: Callable) -> None:
     import hydra
 
     argv = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in argv):
+        print(entry_help(config_name), end="")
+        raise SystemExit(0)
+    check_preset(config_name, argv)
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if not multirun and not any(a.startswith(("--help", "-h", "--hydra-help", "--cfg", "-c", "--info")) for a in argv):
         precheck_overrides(config_name, argv)

@@ -164,6 +164,12 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
     if isinstance(bad_steps, bool) or not isinstance(bad_steps, int) or bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={bad_steps}: use an int >= 1 (non-finite steps in a row before stopping)")
     accum = train["grad_accum"]
+    from .engine.ema import updates_per_step
+
+    try:
+        updates_per_step(train["ema"].get("cadence", "micro_batch"), accum)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if train["global_batch_size"] % (world_size * accum):
         raise ConfigError(
             f"train.global_batch_size={train['global_batch_size']} is not divisible by {world_size} processes x "

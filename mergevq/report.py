@@ -40,7 +40,7 @@ REPORT_MD, REPORT_CSV = "report.md", "report.csv"
 METRIC_ORDER = (
     "rfid", "psnr", "ssim", "lpips", "code_usage", "code_entropy_bits", "code_perplexity",
     "cls_top1", "cls_top5", "mean_top1", "mean_top5", "mean_latent_top1",
-    "gfid", "fid", "is", "inception_score", "precision", "recall",
+    "gfid", "fid", "is", "inception_score", "inception_score_std", "sfid", "precision", "recall",
 )
 # Shown when no run has recorded overrides (runs started without Hydra command-line overrides).
 FALLBACK_KEYS = (

@@ -2,7 +2,8 @@
 
 Writes samples.png (one row per class), samples.npz (arr_0 uint8 NHWC, labels, codes) and
 sampling.json (every sampling setting, tokens/s, peak KV-cache entries); with evaluate.enabled an
-evaluation card with gFID / precision / recall against the held-out split. With logger=csv|wandb the
+evaluation card with gFID / precision / recall against the held-out split (and IS / sFID with
+eval.inception_weights). With logger=csv|wandb the
 per-class sample rows, the grid, a samples/stats table and the eval/* scores go to that logger.
 """
 
@@ -23,6 +24,10 @@ def task(cfg: DictConfig) -> float:
     from .sampling import log_samples, sample_images, write_samples
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    if config["evaluate"]["enabled"] and config["eval"]["inception_weights"]:
+        from .eval.inception import check_weights_file
+
+        check_weights_file(config["eval"]["inception_weights"])  # fail before sampling, not after
     seed_everything(config["seed"])
     accelerator = build_accelerator(config["backend"])
     run_dir = Path(config["run_dir"])

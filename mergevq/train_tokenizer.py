@@ -20,8 +20,10 @@ def task(cfg: DictConfig) -> float:
     from .engine.runner import world_info
     from .engine.session import RunSession
     from .engine.stage1 import train_tokenizer
+    from .objective import objective, with_metric_validated
 
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = with_metric_validated(OmegaConf.to_container(cfg, resolve=True))
+    cfg.train.val_keeps = config["train"]["val_keeps"]  # the stored config is the one that runs
     try:
         check_tokenizer_run(config, world_size=world_info()[1])
     except ConfigError as error:
@@ -37,7 +39,7 @@ def task(cfg: DictConfig) -> float:
     with session:  # releases the run-directory lock
         final = train_tokenizer(config, session)
     log.info("finished: %s", {k: round(v, 4) for k, v in final.items()})
-    return final.get("rec", float("nan"))
+    return objective(config, final, session.run_dir)
 
 
 def main() -> None:

@@ -453,33 +453,27 @@ def test_wandb_offline_run_is_read_back(wandb_offline):
     assert got["summary"]["recon"]["caption"] == "K=64" and got["summary"]["recon"]["width"] == 8
     assert (Path(got["path"]) / got["summary"]["recon"]["path"]).parent.name == "images"
 
-    fallback = read_offline_wandb(run_dir, use_leet=False)  # own transaction-log reader agrees
-    for key in ("summary", "history", "config", "run_id", "state"):
-        assert fallback[key] == got[key], key
-
 
 def test_transaction_log_reader_spans_blocks(wandb_offline):
-    """A log larger than one 32 KiB block (records split across blocks) reads the same both ways."""
+    """wandb's reader on a log larger than one 32 KiB block (records split across blocks) and on a torn one."""
     logger = WandbLogger(wandb_offline, project="mergevq-test", config={"text": "x" * 40000})
     for step in range(150):
         logger.log({f"m{i}": step + i / 10 for i in range(8)}, step=step)
     logger.finish()
     run = next((wandb_offline / "wandb").glob("offline-run-*"))
-    got, fallback = read_offline_wandb(run), read_offline_wandb(run, use_leet=False)
+    got = read_offline_wandb(run)
     assert next(run.glob("*.wandb")).stat().st_size > 2 * 32768
     assert len(got["history"]) == 150 and got["history"][-1]["m7"] == pytest.approx(149.7)
     assert got["config"]["text"] == "x" * 40000
-    for key in ("summary", "history", "config"):
-        assert fallback[key] == got[key], key
     assert math.isclose(got["summary"]["m0"], 149.0)
 
-    # a log cut mid-block (a run still writing, or killed) reads as "running", the same both ways
+    # a log cut mid-block (a run still writing, or killed) reads as "running", its complete records kept
     torn = wandb_offline / "torn"
     torn.mkdir()
     (torn / "run-torn.wandb").write_bytes(next(run.glob("*.wandb")).read_bytes()[:70000])
-    got, fallback = read_offline_wandb(torn, timeout=0), read_offline_wandb(torn, use_leet=False, timeout=0)
-    assert got["state"] == fallback["state"] == "running"
-    assert 0 < len(got["history"]) < 150 and fallback["history"] == got["history"]
+    cut = read_offline_wandb(torn, timeout=0)
+    assert cut["state"] == "running"
+    assert 0 < len(cut["history"]) < 150 and cut["history"] == got["history"][: len(cut["history"])]
 
 
 def test_host_scalars_copies_tensor_logs_once_and_keeps_numbers():

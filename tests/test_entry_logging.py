@@ -128,8 +128,36 @@ def test_sample_logs_to_csv(generator_run, tmp_path, monkeypatch, capsys):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval/gfid"] == pytest.approx(gfid) and "eval/precision" in summary and "eval/recall" in summary
+    card = json.loads((out / "eval_card.json").read_text())  # no eval.inception_weights: the card says why
+    assert card["metrics"]["inception_score"] is None and card["inception"]["computed"] is False
+    assert "eval.inception_weights" in card["inception"]["reason"]
+    assert any(w.startswith("IS and sFID not computed") for w in card["warnings"])
     with open(out / "metrics.csv", newline="") as handle:
         assert float(next(csv.DictReader(handle))["eval/gfid"]) == pytest.approx(gfid)
+
+
+def test_sample_card_with_inception_weights(generator_run, tmp_path, monkeypatch):
+    """eval.inception_weights: IS and sFID in the card, with the weights' hash; a random network of the
+    same architecture is labelled untrained."""
+    from mergevq.eval.card import sha256_file
+    from mergevq.eval.inception import save_untrained_inception
+
+    monkeypatch.setenv("MERGEVQ_CACHE", str(tmp_path / "cache"))
+    weights = save_untrained_inception(tmp_path / "untrained_inception.pth")
+    args = (f"ckpt={generator_run}", *SAMPLE_ARGS, "progress=false", "evaluate.enabled=true", "evaluate.features=random",
+            "evaluate.num_reference=8")
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights"):  # before any sampling
+        run_entry("sample", sample_task, tmp_path / "missing", *args, f"eval.inception_weights={tmp_path / 'nope.pth'}")
+    assert not (tmp_path / "missing" / "samples.png").exists()
+    run_entry("sample", sample_task, tmp_path / "out", *args, f"eval.inception_weights={weights}")
+    card = json.loads((tmp_path / "out" / "eval_card.json").read_text())
+    metrics, section = card["metrics"], card["inception"]
+    assert 1.0 <= metrics["inception_score"] < 1008 and metrics["inception_score_std"] >= 0
+    assert metrics["sfid"] >= 0 and np.isfinite(metrics["sfid"])
+    assert section["computed"] is True and section["trained"] is False
+    assert section["weights_sha256"] == sha256_file(weights)
+    assert any("UNTRAINED InceptionV3" in w for w in card["warnings"])
+    assert "inception_score" in (tmp_path / "out" / "eval_card.md").read_text()
 
 
 def test_sample_logs_to_wandb(generator_run, tmp_path, wandb_offline, capsys):

@@ -175,6 +175,68 @@ def test_inception_score_needs_a_logits_extractor():
         inception_score_of(RandomFeatures(), [_images(4)])
 
 
+# ------------------------------------------------------------- torch-fidelity InceptionV3 (IS, sFID)
+
+
+@pytest.fixture(scope="module")
+def untrained_inception(tmp_path_factory) -> Path:
+    """A randomly initialised network of torch-fidelity's InceptionV3 architecture, as a weights file."""
+    from mergevq.eval.inception import save_untrained_inception
+
+    return save_untrained_inception(tmp_path_factory.mktemp("inception") / "untrained_inception.pth")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fidelity_inception_blocks_match_the_network(untrained_inception):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from mergevq.eval.card import sha256_file
+    from mergevq.eval.inception import FidelityInception, inception_score_torch_fidelity, split_blocks
+
+    net = FidelityInception(untrained_inception)
+    assert net.trained is False and net.weights_sha256 == sha256_file(untrained_inception)
+    images = (_images(4, seed=21, size=32) * 255).round().to(torch.uint8)
+    blocks = split_blocks(net(images).numpy())
+    assert {k: v.shape for k, v in blocks.items()} == {"pool": (4, 2048), "logits": (4, 1008), "spatial": (4, 2023)}
+    # float input in [0, 1] is the same image once rounded to uint8
+    np.testing.assert_allclose(net(images.float() / 255).numpy(), np.concatenate(list(blocks.values()), 1), atol=1e-6)
+
+    plain = FeatureExtractorInceptionV3("x", ["2048", "logits_unbiased", "logits"],
+                                        feature_extractor_weights_path=str(untrained_inception))
+    pool, unbiased, biased = (t.numpy() for t in plain(images))
+    np.testing.assert_allclose(blocks["pool"], pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks["logits"], unbiased, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks["logits"] + plain.fc.bias.numpy(), biased, rtol=1e-5, atol=1e-5)
+    # sFID features: the ADM evaluator's mixed_6/conv = Mixed_6d.branch1x1, first 7 channels, NHWC order
+    with torch.no_grad():
+        x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+        x = (x - 128) / 128
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c"):
+            x = getattr(plain, name)(x)
+        spatial = plain.Mixed_6d.branch1x1(x)
+    assert spatial.shape == (4, 192, 17, 17)
+    np.testing.assert_allclose(blocks["spatial"], spatial[:, :7].permute(0, 2, 3, 1).flatten(1).numpy(), rtol=1e-5, atol=1e-7)
+
+    # IS: torch-fidelity's implementation (consecutive splits) equals ours on the same logits
+    logits = np.random.default_rng(0).normal(size=(40, 1008)) * 3
+    mean, std = inception_score_torch_fidelity(logits, splits=4)
+    ours = inception_score(logits, splits=4, from_logits=True)
+    assert (mean, std) == pytest.approx(ours, rel=1e-9) and mean > 1.5
+
+
+def test_fidelity_inception_missing_weights_error(tmp_path):
+    from mergevq.eval.inception import WEIGHTS_FILE, FidelityInception
+
+    missing = tmp_path / WEIGHTS_FILE
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights") as err:
+        FidelityInception(missing)
+    assert str(missing) in str(err.value) and WEIGHTS_FILE in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="not set"):
+        FidelityInception(None)
+
+
 # ------------------------------------------------------------------------------- precision / recall
 
 

@@ -109,14 +109,17 @@ def test_hub_tokenizer_round_trip(tmp_path):
 
 
 def test_hub_generator_round_trip(tmp_path):
-    mergear = MergeARConfig(window=4, keep_options=(4, 9, 16))
+    mergear = MergeARConfig(window=4, keep_options=(4, 9, 16), duplicate_rule="same_code_any", mask_groups="codes",
+                            copy_head=True)
     args = mergear.model_args(ModelArgs(dim=32, n_layer=2, n_head=2, intra_layers=1, multiple_of=32,
                                         factorized_bits=(6, 12), num_classes=10, grid=(4, 4)))
     torch.manual_seed(0)
     model = perturb(GPT(args), 2, 0.1)
     out = save_pretrained(model, tmp_path / "gen", mergear=mergear)
     stored = json.loads((out / "config.json").read_text())
-    assert stored["mergear"] == {"window": 4, "keep_options": [4, 9, 16], "duplicate_rule": "adjacent"}
+    assert stored["mergear"] == {"window": 4, "keep_options": [4, 9, 16], "duplicate_rule": "same_code_any",
+                                 "mask_groups": "codes", "copy_head": True}
+    assert args.copy_head and "copy_head.wq.weight" in model.state_dict()
     assert ModelArgs(**{k: v for k, v in stored.items() if k != "mergear"}) == args
 
     loaded = from_pretrained(str(out))

@@ -70,6 +70,61 @@ def test_entropy_terms_match_bruteforce(num_bits, n, scale):
     torch.testing.assert_close(grad32.double(), grad_ref, rtol=1e-3, atol=1e-3 * grad_ref.abs().max().item())
 
 
+def _official_entropy_loss(z, temperature=0.01, eps=1e-5):
+    """The official entropy_loss, term by term, over the full [N, 2^D] logits 2 <z, c>."""
+    codebook = codes_to_vectors(torch.arange(2 ** z.shape[-1]), z.shape[-1], z.dtype)
+    logits = 2 * torch.einsum("nd,cd->nc", z, codebook)
+    probs = torch.softmax(logits / temperature, -1)
+    log_probs = torch.log_softmax(logits / temperature + eps, -1)
+    avg_probs = probs.mean(0)
+    return -(probs * log_probs).sum(-1).mean(), -(avg_probs * torch.log(avg_probs + eps)).sum()
+
+
+@pytest.mark.parametrize("num_bits,n", [(8, 64), (10, 64), (12, 32), (14, 32), (16, 16), (18, 16)])
+@pytest.mark.parametrize("scale", [0.01, 0.1, 1.0])
+def test_entropy_terms_equal_the_official_formula(num_bits, n, scale):
+    torch.manual_seed(num_bits + int(1000 * scale))
+    z = (torch.randn(n, num_bits, dtype=torch.float64) * scale).requires_grad_()
+    ref = _official_entropy_loss(z)
+    for got in (entropy_terms(z), entropy_terms_bruteforce(z)):
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+    grad_ref = torch.autograd.grad(ref[0] - ref[1], z)[0]
+    fast = entropy_terms(z)
+    torch.testing.assert_close(torch.autograd.grad(fast[0] - fast[1], z)[0], grad_ref, rtol=1e-4,
+                               atol=1e-6 * grad_ref.abs().max().item())
+    # float32 (the training dtype) with the default options, against the float64 official formula
+    for a, b in zip(entropy_terms(z.detach().float()), ref):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=1e-3, atol=0)
+
+
+def test_entropy_eps_zero_is_the_exact_entropy_and_the_default_is_not():
+    torch.manual_seed(0)
+    z = torch.randn(64, 18, dtype=torch.float64) * 0.01  # an early-training batch: pbar spread thin
+    pbar = mean_code_probs(z)
+    exact = -torch.special.xlogy(pbar, pbar).sum()
+    sample0, batch0 = entropy_terms(z, eps=0.0)
+    torch.testing.assert_close(batch0, exact, rtol=1e-10, atol=0)
+    torch.testing.assert_close(entropy_terms_bruteforce(z, eps=0.0)[1], exact, rtol=1e-6, atol=0)
+    sample, batch = entropy_terms(z)
+    torch.testing.assert_close(sample, sample0)  # the eps shift in log_softmax is a constant
+    assert batch < exact - 0.3  # official eps = 1e-5 is far from the exact entropy here
+    with pytest.raises(ValueError, match="entropy_eps"):
+        LFQ(bits=4, entropy_eps=-1.0)
+
+
+def test_lfq_entropy_eps_option_reaches_the_loss():
+    torch.manual_seed(1)
+    z = torch.randn(2, 30, 12) * 0.01
+    official, exact = LFQ(bits=12).train(), LFQ(bits=12, entropy_eps=0.0).train()
+    assert official.entropy_eps == 1e-5
+    batch_official = official(z)[2]["batch_entropy"]
+    batch_exact = exact(z)[2]["batch_entropy"]
+    torch.testing.assert_close(batch_official, entropy_terms(z.reshape(-1, 12))[1])
+    torch.testing.assert_close(batch_exact, entropy_terms(z.reshape(-1, 12), eps=0.0)[1])
+    assert batch_official < batch_exact
+
+
 def test_mean_code_probs_is_the_average_softmax_in_index_order():
     z = torch.randn(16, 7, dtype=torch.float64) * 0.05
     codebook = codes_to_vectors(torch.arange(2**7), 7, torch.float64)
@@ -80,14 +135,16 @@ def test_mean_code_probs_is_the_average_softmax_in_index_order():
 def test_entropy_extremes():
     num_bits = 10
     all_codes = codes_to_vectors(torch.arange(2**num_bits), num_bits)
-    sample, batch = entropy_terms(5 * all_codes)
+    sample, batch = entropy_terms(5 * all_codes, eps=0.0)
     torch.testing.assert_close(batch, torch.tensor(num_bits * math.log(2)))
     assert 0 <= sample.item() < 1e-6
+    # the official eps: every code at 2^-D gives -log(2^-D + eps)
+    torch.testing.assert_close(entropy_terms(5 * all_codes)[1], torch.tensor(-math.log(2.0**-num_bits + 1e-5)))
     # A batch on a single code: batch entropy 0 as well.
-    sample, batch = entropy_terms(5 * all_codes[:1].expand(32, -1))
+    sample, batch = entropy_terms(5 * all_codes[:1].expand(32, -1), eps=0.0)
     assert batch.item() < 1e-6 and sample.item() < 1e-6
     # Tiny |z|: every p_n is uniform, both terms are at their maximum D ln 2.
-    sample, batch = entropy_terms(1e-7 * torch.randn(8, num_bits))
+    sample, batch = entropy_terms(1e-7 * torch.randn(8, num_bits), eps=0.0)
     torch.testing.assert_close(sample, torch.tensor(num_bits * math.log(2)))
     torch.testing.assert_close(batch, torch.tensor(num_bits * math.log(2)))
 

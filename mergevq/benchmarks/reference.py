@@ -9,8 +9,10 @@ replaces the three places where the project computes something cheaper than the 
   ``merge_source``). The per-position latents are rebuilt from it with a scatter ("token_unmerge"
   semantics: zeros, then an index put at the nonzeros of S). The fast path keeps one owner index per
   position and gathers (``mergevq.models.merge.unmerge``).
-- **entropy**: the full softmax over all 2^bits codes, [B*K, 2^18] for the paper's LFQ
-  (``entropy_terms_bruteforce``); the fast path factorises it per bit.
+- **entropy**: the official ``entropy_loss`` over the full softmax of all 2^bits codes, [B*K, 2^18]
+  for the paper's LFQ, with its eps in the batch term -sum p log(p + eps) and the (constant) eps shift
+  in the per-sample log_softmax (``entropy_terms_bruteforce``); the fast path factorises it per bit
+  and applies the same eps to the materialised [2^bits] batch distribution.
 - **attention**: unfused ``softmax(q k^T / sqrt(d) + log size) v`` with the [B, H, T, T] attention
   matrix materialised, in the encoder and in the decoder; the fast path calls SDPA.
 
@@ -132,7 +134,7 @@ def token_unmerge(tokens: Tensor, source: Tensor) -> Tensor:
 
 
 def lfq_literal(quantizer, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Sign quantizer with the entropy terms through the full 2^bits softmax (computed in fp32)."""
+    """Sign quantizer with the official entropy terms through the full 2^bits softmax (in fp32)."""
     q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
     z_q = z + (q - z).detach()
     codes = bits_to_indices(z > 0)
@@ -142,6 +144,7 @@ def lfq_literal(quantizer, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]
             sample, batch = entropy_terms_bruteforce(
                 z.reshape(-1, quantizer.bits).to(torch.promote_types(z.dtype, torch.float32)),
                 quantizer.temperature,
+                quantizer.entropy_eps,
             )
     else:
         sample = batch = commit.new_zeros(())

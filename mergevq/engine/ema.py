@@ -5,6 +5,11 @@ parameter (one ``torch._foreach_lerp_`` call); buffers (BatchNorm statistics, co
 non-floating parameters are copied as they are. The shadow lives on the parameters' device and dtype.
 Pass the unwrapped model (``accelerator.unwrap_model(model)``), so names carry no DDP prefix.
 
+Cadence: the official stage-I code updates its EMA once per *micro-batch* (Lightning's
+``on_train_batch_end``) while the weights change once per optimizer step, so under gradient
+accumulation a the same weights are averaged in a times: decay^a per optimizer step. ``update(model,
+repeats=a)`` does exactly that in one lerp; ``updates_per_step`` maps the config's cadence to a.
+
 ``state_dict()`` is keyed exactly like ``model.state_dict()`` (plain tensors), so a checkpoint's
 ``ema.safetensors`` loads straight into a bare model for evaluation. ``num_updates`` (used only by the
 optional warm-up) is not part of it: store it in the checkpoint ``extra`` if warm-up is on.
@@ -17,6 +22,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+CADENCES = ("micro_batch", "optimizer_step")
+
+
+def updates_per_step(cadence: str, grad_accum: int) -> int:
+    """EMA updates one optimizer step counts for: grad_accum for the official per-micro-batch cadence,
+    1 for once per optimizer step."""
+    if cadence not in CADENCES:
+        raise ValueError(f"train.ema.cadence={cadence!r} is unknown: use one of {', '.join(CADENCES)}")
+    return int(grad_accum) if cadence == "micro_batch" else 1
 
 
 class EMA:
@@ -49,9 +64,15 @@ class EMA:
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One EMA step towards ``model``'s current weights; call once per optimizer step."""
-        decay = self.current_decay()
+    def update(self, model: nn.Module, repeats: int = 1) -> None:
+        """``repeats`` EMA steps towards ``model``'s current weights (one lerp with the product of
+        their decays); call once per optimizer step."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        decay = 1.0
+        for _ in range(repeats):
+            decay *= self.current_decay()
+            self.num_updates += 1
         params = dict(model.named_parameters(remove_duplicate=False))
         averaged = set(self._param_names)
         torch._foreach_lerp_(
@@ -62,7 +83,6 @@ class EMA:
         for name, value in model.state_dict().items():
             if name not in averaged:
                 self.shadow[name].copy_(value)
-        self.num_updates += 1
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -6,8 +6,12 @@ builds the one an entry's ``logger`` config group asks for. Steps are optimizer 
 one-shot entries: sample, evaluate, reconstruct) and must not decrease (W&B drops rows logged at an
 earlier step).
 
-:func:`read_offline_wandb` reads a finished (or running) offline run through ``wandb leet inspect``
-(wandb >= 0.31); without it, it parses the run's ``.wandb`` transaction log itself (see there).
+:func:`read_offline_wandb` reads a finished (or running) offline run back with wandb's own reader
+(``wandb leet inspect``, wandb >= 0.31).
+
+A W&B run of a training entry survives resume and requeue: rank 0 keeps its id in
+``run_dir/wandb_run_id.txt`` and passes ``id=..., resume="allow"``; runs are named from the Hydra
+overrides (``hydra:job.override_dirname``) unless ``logger.name`` is set.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import netrc
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -34,6 +37,9 @@ import torch
 from mergevq.engine.checkpoint import atomic_write_text
 
 LOGGER_KINDS = ("wandb", "csv", "none")
+# Run metadata every logger option accepts (conf/logger/*.yaml); W&B uses them, the CSV logger records them.
+RUN_INFO_KEYS = ("project", "entity", "group", "tags", "name", "mode", "job_type")
+RUN_ID_FILE = "wandb_run_id.txt"
 
 ImageLike = torch.Tensor | str | os.PathLike
 
@@ -115,11 +121,18 @@ class CSVLogger(RunLogger):
     * ``images/{key}_{step:08d}.png`` (key with ``/`` etc. replaced by ``_``; a PNG already in
       ``images/`` is indexed where it is), captions in ``images/index.csv`` (key, step, file, caption).
     * ``tables/{key}_{step:08d}.csv``; ``summary.json`` (merged across calls).
+    * ``logger.json``: the run metadata given (``RUN_INFO_KEYS``: group, tags, name, ...), so a preset
+      or sweep written for W&B runs with ``logger=csv`` and keeps its grouping.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, filename: str = "metrics.csv"):
+    def __init__(self, run_dir: str | os.PathLike, filename: str = "metrics.csv", **run_info: Any):
+        unknown = sorted(set(run_info) - set(RUN_INFO_KEYS))
+        if unknown:
+            raise ValueError(f"logger=csv has no option {', '.join(unknown)}; its options: {', '.join(RUN_INFO_KEYS)}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_info = {k: list(v) if isinstance(v, list | tuple) else v for k, v in run_info.items()}
+        atomic_write_text(self.run_dir / "logger.json", json.dumps({"kind": "csv", **self.run_info}, indent=2) + "\n")
         self.path = self.run_dir / filename
         self.columns: list[str] = ["step"]
         if self.path.is_file() and self.path.stat().st_size > 0:
@@ -234,7 +247,7 @@ class WandbLogger(RunLogger):
             entity=entity,
             group=group,
             tags=list(tags),
-            name=name,
+            name=name or None,
             config=dict(config) if config is not None else None,
             mode=self.mode,
             **init_kwargs,
@@ -277,18 +290,54 @@ def build_logger(kind: str, run_dir: str | os.PathLike, is_main_process: bool, *
     return WandbLogger(run_dir, **kwargs)
 
 
+def persistent_run_id(run_dir: str | os.PathLike, fresh: bool = False) -> str:
+    """The W&B run id kept in ``run_dir/wandb_run_id.txt``: read when it is there (a resumed or
+    requeued run continues the same W&B run), else (or with ``fresh``) a new one, written first."""
+    file = Path(run_dir) / RUN_ID_FILE
+    if file.is_file() and not fresh:
+        stored = file.read_text().strip()
+        if re.fullmatch(r"[a-z0-9]{1,64}", stored):
+            return stored
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(file, run_id + "\n")
+    return run_id
+
+
+def hydra_run_name() -> str | None:
+    """``hydra:job.override_dirname`` of the running Hydra job (e.g. ``train.keep_candidates=[36]``),
+    or None outside Hydra or without overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().job.override_dirname or None
+    except (ImportError, ValueError):  # HydraConfig.get() raises ValueError when no job runs
+        return None
+
+
 def logger_from_config(
     config: Mapping[str, Any], run_dir: str | os.PathLike, is_main_process: bool = True
 ) -> RunLogger:
     """The logger an entry's resolved ``config`` asks for: its ``logger`` group (``kind`` plus that
-    logger's options; absent means ``none``). A W&B run also gets the whole ``config`` as its run
-    config and ``job_type=config["task"]`` (train_ar, sample, evaluate, ...) to tell entries apart."""
+    logger's options; absent means ``none``). ``name: null`` becomes the Hydra overrides
+    (:func:`hydra_run_name`). A W&B run also gets the whole ``config`` as its run config and
+    ``job_type=config["task"]`` (train_ar, sample, evaluate, ...) to tell entries apart; for a training
+    entry (its config has ``resume``) rank 0 keeps the run id in the run directory and passes
+    ``id=..., resume="allow"``, so ``resume=auto`` and requeues continue one W&B run
+    (``resume=never`` starts a new one)."""
     options = dict(config.get("logger") or {"kind": "none"})
     kind = options.pop("kind")
+    if options.get("name") is None and "name" in options:
+        options["name"] = hydra_run_name()
     if kind == "wandb":
         options["config"] = config
         if config.get("task"):
             options.setdefault("job_type", config["task"])
+        if is_main_process and "resume" in config:
+            options.setdefault("id", persistent_run_id(run_dir, fresh=config["resume"] == "never"))
+            options.setdefault("resume", "allow")
     return build_logger(kind, run_dir, is_main_process, **options)
 
 
@@ -311,25 +360,20 @@ def find_wandb_run(path: str | os.PathLike) -> Path:
     return runs[-1]
 
 
-def _leet(run: Path, *flags: str) -> str | None:
-    """stdout of ``python -m wandb leet inspect <flags> <run>``, or None when that fails."""
+def _leet(run: Path, *flags: str) -> str:
+    """stdout of ``python -m wandb leet inspect <flags> <run>`` (wandb's own reader of the ``.wandb``
+    transaction log, run by its wandb-core binary)."""
     cmd = [sys.executable, "-m", "wandb", "leet", "inspect", *flags, str(run)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {' '.join(proc.stderr.split())[:300]}; "
+                           "reading offline W&B runs needs wandb >= 0.31 with its wandb-core binary")
+    return proc.stdout
 
 
-def _read_with_leet(run: Path) -> dict[str, Any] | None:
-    summary_out, records_out = _leet(run, "--summary", "--json"), _leet(run, "--json")
-    if summary_out is None or records_out is None:
-        return None
-    try:
-        top = json.loads(summary_out)
-        records = [json.loads(line) for line in records_out.splitlines() if line.strip()]
-    except json.JSONDecodeError:
-        return None
+def _read_with_leet(run: Path) -> dict[str, Any]:
+    top = json.loads(_leet(run, "--summary", "--json"))
+    records = [json.loads(line) for line in _leet(run, "--json").splitlines() if line.strip()]
     history = [r["history"]["item"] for r in records if r.get("type") == "history"]
     return {
         "summary": top.get("summary", {}),
@@ -341,96 +385,8 @@ def _read_with_leet(run: Path) -> dict[str, Any] | None:
     }
 
 
-def _log_records(file: Path) -> list[bytes]:
-    """Payloads of a ``.wandb`` transaction log: a 7-byte header (``:W&B``, magic, version), then
-    LevelDB-log framing in 32 KiB blocks (per chunk: crc32c u32, length u16, type u8 with
-    1 full / 2 first / 3 middle / 4 last). CRCs are not verified; a torn tail is dropped."""
-    data = file.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{file} is not a W&B transaction log")
-    block, pos, parts, out = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 0 or len(chunk) < length:
-            break
-        if kind == 1:
-            out.append(chunk)
-        elif kind == 2:
-            parts = chunk
-        elif kind == 3:
-            parts += chunk
-        elif kind == 4:
-            out.append(parts + chunk)
-            parts = b""
-    return out
-
-
-def _item_path(item: Any) -> list[str]:
-    return [item.key] if item.key else list(item.nested_key)
-
-
-def _set_nested(target: dict, path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        target = target.setdefault(part, {})
-    target[path[-1]] = value
-
-
-def _read_transaction_log(run: Path) -> dict[str, Any]:
-    """Fallback without ``leet``: decode the records with ``wandb.proto`` and replay them."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    summary: dict[str, Any] = {}
-    config: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
-    run_id, state = None, "running"
-    for payload in _log_records(next(run.glob("*.wandb"))):
-        rec = pb.Record()
-        rec.ParseFromString(payload)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run_id = rec.run.run_id
-            for item in rec.run.config.update:
-                _set_nested(config, _item_path(item), json.loads(item.value_json))
-        elif kind == "config":
-            for item in rec.config.update:
-                _set_nested(config, _item_path(item), json.loads(item.value_json))
-        elif kind == "summary":
-            for item in rec.summary.update:
-                _set_nested(summary, _item_path(item), json.loads(item.value_json))
-        elif kind == "history":
-            history.append({".".join(_item_path(i)): json.loads(i.value_json) for i in rec.history.item})
-        elif kind == "exit":
-            state = "finished" if rec.exit.exit_code == 0 else "failed"
-    summary.pop("_wandb", None)
-    config.pop("_wandb", None)
-    return {
-        "summary": summary,
-        "history": history,
-        "config": config,
-        "run_id": run_id,
-        "state": state,
-        "path": str(run),
-    }
-
-
-def _read_once(run: Path, use_leet: bool) -> dict[str, Any]:
-    if use_leet:
-        result = _read_with_leet(run)
-        if result is not None:
-            return result
-    return _read_transaction_log(run)
-
-
-def read_offline_wandb(
-    path: str | os.PathLike, use_leet: bool = True, timeout: float = 60.0
-) -> dict[str, Any]:
-    """Read a local (offline) W&B run back, for tests and reports.
+def read_offline_wandb(path: str | os.PathLike, timeout: float = 60.0) -> dict[str, Any]:
+    """Read a local (offline) W&B run back with wandb's own reader, for tests and reports.
 
     path: run_dir given to :class:`WandbLogger`, its ``wandb/`` dir, or a run folder.
     Returns {"summary": {...}, "history": [{...}, ...], "config": {...}, "run_id", "state", "path"}:
@@ -443,21 +399,27 @@ def read_offline_wandb(
     * state: "finished" / "failed" once the exit record is in the log, else "running".
 
     Uses ``wandb leet inspect --summary --json`` and ``wandb leet inspect --json`` (one JSON record per
-    line; the ``history`` records carry ``history.item``). If leet is unavailable (wandb < 0.31, no
-    wandb-core binary) or ``use_leet=False``, the transaction log is decoded directly, giving the same
-    values (integers written as floats may come back as ints either way, e.g. 1.0 -> 1).
-
-    ``run.finish()`` can return before wandb-core has flushed the log's last 32 KiB block, so this
-    re-reads (every 0.2 s, up to ``timeout`` seconds) until the run's exit record is there and the file
-    stopped growing; after the timeout it returns what it has (state "running").
+    line; the ``history`` records carry ``history.item``). ``run.finish()`` can return before
+    wandb-core has flushed the log's last block, so this re-reads (every 0.2 s, up to ``timeout``
+    seconds) until the run's exit record is there and the file stopped growing; after the timeout it
+    returns what it has (state "running", e.g. a killed run).
     """
     run = find_wandb_run(path)
     log_file = next(run.glob("*.wandb"))
     deadline = time.monotonic() + timeout
     while True:
         size = log_file.stat().st_size
-        result = _read_once(run, use_leet)
+        result = _read_with_leet(run)
         done = result["state"] != "running" and log_file.stat().st_size == size
         if done or time.monotonic() >= deadline:
             return result
         time.sleep(0.2)
+
+
+def read_offline_wandb_runs(run_dir: str | os.PathLike, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Every offline W&B run folder under ``run_dir/wandb`` (one per start of a resumed run, all with
+    the run id of ``wandb_run_id.txt``), oldest first, each read by :func:`read_offline_wandb`."""
+    folders = sorted(p for p in (Path(run_dir) / "wandb").glob("offline-run-*") if any(p.glob("*.wandb")))
+    if not folders:
+        raise FileNotFoundError(f"no offline W&B run folder under {run_dir}/wandb")
+    return [read_offline_wandb(folder, timeout=timeout) for folder in folders]

@@ -42,6 +42,26 @@ def check_device(backend: Mapping[str, Any]) -> None:
         raise ValueError(f"backend.device={device!r}: use cpu, cuda or npu")
 
 
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` (--mixed_precision, config file)
+
+
+def resolve_mixed_precision(hydra_value: str | None, launcher_value: str | None) -> str:
+    """The precision the Accelerator uses: ``backend.mixed_precision`` (no | bf16 | fp16, or null) and
+    the launcher's (``ACCELERATE_MIXED_PRECISION``, what ``accelerate launch --mixed_precision`` or its
+    config file's ``mixed_precision:`` set; None when not launched by accelerate). null takes the
+    launcher's (else "no"); two values that disagree are an error, not a silent override."""
+    from ..errors import UserError
+
+    hydra_value = None if hydra_value is None else str(hydra_value)
+    if hydra_value is None:
+        return launcher_value or "no"
+    if launcher_value is not None and launcher_value != hydra_value:
+        raise UserError(f"backend.mixed_precision={hydra_value} but the launcher asks for {launcher_value} "
+                        f"({LAUNCHER_PRECISION_ENV}, from accelerate launch --mixed_precision or its config file): "
+                        f"set backend.mixed_precision=null to use the launcher's, or make the two agree")
+    return hydra_value
+
+
 def build_accelerator(backend: Mapping[str, Any], find_unused_parameters: bool = False):
     """An Accelerator for the backend; on CPU several processes need ACCELERATE_USE_CPU=1 + torchrun."""
     from accelerate import Accelerator
@@ -57,7 +77,7 @@ def build_accelerator(backend: Mapping[str, Any], find_unused_parameters: bool =
         handlers.append(InitProcessGroupKwargs(backend=backend.get("dist_backend"), timeout=timeout))
     return Accelerator(
         cpu=backend["device"] == "cpu",
-        mixed_precision=backend.get("mixed_precision", "no"),
+        mixed_precision=resolve_mixed_precision(backend.get("mixed_precision"), os.environ.get(LAUNCHER_PRECISION_ENV)),
         kwargs_handlers=handlers,
     )
 

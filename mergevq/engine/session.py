@@ -44,7 +44,8 @@ _RUN_KEYS = ("run_dir", "resume", "overrides", "train", "logger", "backend", "da
 MUTABLE = ("train.max_steps", "train.lr", "train.disc_lr", "train.lr_schedule", "train.grad_clip", "train.log_every",
            "train.val_every", "train.ckpt_every", "train.keep_last", "train.progress", "train.interrupt_at",
            "train.num_workers", "train.val_batches", "train.val_keeps", "train.max_bad_steps",
-           "train.collapse_alarm", "train.activation_checkpointing", "logger", "backend")
+           "train.collapse_alarm", "train.activation_checkpointing", "logger", "backend", "paths",
+           "optimized_metric")
 _NOT_COMPARED = ("run_dir", "resume", "overrides")
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from ..models.discriminator import PatchGANDiscriminator
 from ..models.factory import build_tokenizer, layout
 from ..models.tokens import square_grid
 from ..viz import merge_map
-from .ema import EMA
+from .ema import EMA, updates_per_step
 from .html_report import write_run_report
 from .runner import (
     KeepSampler,
@@ -212,6 +212,7 @@ class Stage1Trainer(Trainer):
         if self.teacher is not None:
             self.teacher.to(device)
         self.ema = EMA(self.tokenizer, decay=train["ema"]["decay"]) if train["ema"]["enabled"] else None
+        self.ema_repeats = updates_per_step(train["ema"].get("cadence", "micro_batch"), train["grad_accum"])
 
         self.val_data = build_data(cfg, "val")
 
@@ -292,7 +293,7 @@ class Stage1Trainer(Trainer):
         self.sched_g.step()
         self.sched_d.step()
         if self.ema is not None:
-            self.ema.update(self.tokenizer)
+            self.ema.update(self.tokenizer, repeats=self.ema_repeats)
         logs = host_scalars(logs)
         logs.update(keep=keep or 0, lr=self.sched_g.get_last_lr()[0], skipped_steps=self.guard.skipped)
         if codes:

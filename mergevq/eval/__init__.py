@@ -1,4 +1,4 @@
-"""Evaluation: feature extractors and generative metrics (FID, IS, precision/recall)."""
+"""Evaluation: feature extractors and generative metrics (FID, IS, sFID, precision/recall)."""
 
 from mergevq.eval.features import (
     FeatureCache,
@@ -17,9 +17,11 @@ from mergevq.eval.fid import (
     precision_recall,
     save_stats,
 )
+from mergevq.eval.inception import FidelityInception, save_untrained_inception
 
 __all__ = [
     "FeatureCache",
+    "FidelityInception",
     "RandomFeatures",
     "TFInceptionFeatures",
     "extract_features",
@@ -32,4 +34,5 @@ __all__ = [
     "load_stats",
     "precision_recall",
     "save_stats",
+    "save_untrained_inception",
 ]

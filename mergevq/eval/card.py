@@ -44,15 +44,18 @@ UNTRAINED_FID = "FID computed with UNTRAINED random features: not comparable to 
 UNTRAINED_LPIPS = "LPIPS computed with an UNTRAINED (random) backbone: not comparable to published LPIPS"
 
 
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that change evaluation numbers (None when not installed)."""
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(*extra: str) -> dict[str, str | None]:
+    """Installed versions of the packages that change evaluation numbers (and of `extra`; None when not
+    installed)."""
+    return {name: package_version(name) for name in (*PACKAGES, *extra)}
 
 
 def lpips_info(module: Any, name: str = "lpips-vgg") -> dict[str, Any]:

@@ -125,7 +125,8 @@ def inception_score(logits_or_probs, splits: int = 10, from_logits: bool | None 
     IS = exp(E_x KL(p(y|x) || p(y))), with p(y) the mean prediction of the chunk. `from_logits=None`
     treats the input as probabilities when it is non-negative with rows summing to 1, else applies a
     softmax. The paper protocol needs the 1008-way logits of the TF Inception graph; the TF-FID
-    TorchScript used for FID stops at pool3, so IS is not available from it (see `inception_score_of`).
+    TorchScript used for FID stops at pool3, so the platform's IS comes from torch-fidelity's
+    InceptionV3 (`mergevq.eval.inception`), whose implementation this one equals.
     """
     x = np.asarray(logits_or_probs, dtype=np.float64)
     if x.ndim != 2:

@@ -1,4 +1,5 @@
-"""gFID / precision / recall of a sample set against the held-out split of the tokenizer's data."""
+"""gFID / precision / recall (and IS / sFID with eval.inception_weights) of a sample set against the
+held-out split of the tokenizer's data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ..data.datasets import is_held_out
 from ..engine.restore import load_trained_tokenizer
 from .card import package_versions, sha256_file, write_card
 from .features import FeatureCache, extractor_meta
-from .generator_eval import generator_metrics, reference_stats
+from .generator_eval import generator_metrics, inception_metrics, reference_spatial, reference_stats
+from .inception import CONFIG_KEY, WEIGHTS_FILE, FidelityInception
 from .tokenizer_eval import build_extractor
 
 
@@ -38,6 +40,8 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
         features, _, _ = reference_stats(extractor, images, reference, {"dataset": dataset_id})
         cache.save(key, features)
     metrics = generator_metrics(extractor, result["images"], reference, features)
+    inception, warnings = inception_part(cfg, result["images"], dataset, count, cache, dataset_id, data["size"])
+    metrics.update(inception.pop("metrics"))
     meta = extractor_meta(extractor)
     ckpt = Path(settings["checkpoint"])
     weights = ckpt / ("gpt_ema.safetensors" if (ckpt / "gpt_ema.safetensors").is_file() and cfg["weights"] == "ema" else "gpt.safetensors")
@@ -59,8 +63,34 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
                               "trained": meta["extractor_trained"]},
         "sampling": settings,
         "sampling_stats": result["stats"],
+        "inception": inception,
         "seeds": {"sampling": cfg["seed"]},
-        "package_versions": package_versions(),
+        "package_versions": package_versions("torch-fidelity"),
+        "warnings": warnings,
     }
     write_card(run_dir, card)
     return card
+
+
+def inception_part(cfg: Mapping[str, Any], samples, dataset, count: int, cache: FeatureCache, dataset_id: str,
+                   size: int) -> tuple[dict[str, Any], list[str]]:
+    """IS and sFID with the InceptionV3 at eval.inception_weights -> (card section with its "metrics",
+    warnings); without weights the section says why they were not computed."""
+    path = (cfg.get("eval") or {}).get("inception_weights")
+    if not path:
+        reason = f"{CONFIG_KEY} is not set (torch-fidelity's {WEIGHTS_FILE})"
+        return ({"computed": False, "reason": reason, "metrics": {"inception_score": None, "sfid": None}},
+                [f"IS and sFID not computed: {reason}"])
+    net = FidelityInception(path)
+    key = cache.key(dataset_id, f"resize-bilinear-{size}:center-crop-{size}:uint8:sfid-spatial", net)
+    reference = cache.load(key)
+    if reference is None:
+        reference = reference_spatial(net, torch.stack([dataset[i]["image"] for i in range(count)]))
+        cache.save(key, reference)
+    section = {"computed": True, "name": net.name, "weights": str(net.path), "weights_sha256": net.weights_sha256,
+               "trained": net.trained, "sfid_features": "mixed_6/conv (Mixed_6d.branch1x1), first 7 channels",
+               "metrics": inception_metrics(net, samples, reference)}
+    warnings = [] if net.trained else [
+        f"IS and sFID computed with an UNTRAINED InceptionV3 ({net.path}: sha256 {net.weights_sha256[:12]}..., not "
+        f"{WEIGHTS_FILE}): not comparable to published IS / sFID"]
+    return section, warnings

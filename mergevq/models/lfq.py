@@ -4,9 +4,10 @@ Each latent channel is quantized to its sign, so a D-channel token maps to one o
 c in {-1, +1}^D. Index convention (little-endian, as in the official code whatever its docstring says):
 index = sum_d 1[z_d > 0] * 2^d, i.e. bit d is channel d.
 
-The entropy regulariser is computed exactly without materialising the [N, 2^D] code distribution:
-the per-token distribution factorises over bits, and the batch-average distribution is assembled from
-two half-codebooks with one matmul.
+The entropy regulariser is computed without materialising the [N, 2^D] code distribution: the
+per-token distribution factorises over bits, and the batch-average distribution is assembled from
+two half-codebooks with one matmul. The batch term follows the official formula
+-sum p log(p + eps) (eps = 1e-5 there; ``entropy_eps=0`` gives the exact entropy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAX_BITS = 30
+OFFICIAL_ENTROPY_EPS = 1e-5  # taming/modules/vqvae/lookup_free_quantize.py: entropy_loss(eps=1e-5)
 
 
 def _bit_weights(num_bits: int, device: torch.device | None = None) -> Tensor:
@@ -46,13 +48,21 @@ def sign_quantize(z: Tensor) -> Tensor:
     return z + (q - z).detach()
 
 
-def _entropy(p: Tensor) -> Tensor:
-    """Entropy -sum p log p of a distribution p [...] (all dims summed), with 0 log 0 = 0.
+def _entropy(p: Tensor, eps: float = 0.0) -> Tensor:
+    """-sum p log(p + eps) of a distribution p [...] (all dims summed): the official batch entropy
+    for eps > 0, the exact entropy (0 log 0 = 0) for eps = 0.
 
-    The clamp only guards log(0); entr/xlogy would give inf/nan gradients at p == 0, which a batch
-    distribution over 2^18 codes always has (underflowed entries).
+    With eps = 0 the clamp only guards log(0); entr/xlogy would give inf/nan gradients at p == 0,
+    which a batch distribution over 2^18 codes always has (underflowed entries).
     """
+    if eps > 0:
+        return -(p * (p + eps).log()).sum()
     return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum()
+
+
+def _check_eps(eps: float) -> None:
+    if not eps >= 0:
+        raise ValueError(f"entropy_eps must be >= 0 (official 1e-5, 0 for the exact entropy), got {eps}")
 
 
 def _work_dtype(z: Tensor) -> torch.dtype:
@@ -113,15 +123,21 @@ def _all_reduce_mean(t: Tensor) -> Tensor:
     return all_reduce(t) / torch.distributed.get_world_size()
 
 
-def entropy_terms(z: Tensor, temperature: float = 0.01, *, sync_batch: bool = False) -> tuple[Tensor, Tensor]:
+def entropy_terms(
+    z: Tensor, temperature: float = 0.01, *, sync_batch: bool = False, eps: float = OFFICIAL_ENTROPY_EPS
+) -> tuple[Tensor, Tensor]:
     """z [N, D] -> (sample_entropy, batch_entropy), both differentiable scalars (nats).
 
     With p_n = softmax_c(2 <z_n, c> / temperature) over all 2^D codes c in {-1,+1}^D:
     sample_entropy = mean_n H(p_n) (exact, per bit: H(p_n) = sum_d H_bernoulli(sigmoid(4 z_nd / t)));
-    batch_entropy = H(mean_n p_n) (exact, see _mean_code_probs). With sync_batch, mean_n p_n is
+    the official log_softmax(logits / t + eps) adds a constant to every logit, which the softmax
+    ignores, so its sample term is this exact one.
+    batch_entropy = -sum_c pbar_c log(pbar_c + eps), pbar = mean_n p_n (see _mean_code_probs): the
+    official formula for eps = 1e-5, the exact H(pbar) for eps = 0. With sync_batch, pbar is
     averaged over all processes first; the official code does not do this (per-GPU statistic).
     """
     _check_temperature(temperature)
+    _check_eps(eps)
     with torch.autocast(z.device.type, enabled=False):
         log_pos, log_neg = _bit_log_probs(z.to(_work_dtype(z)), temperature)
         bit_entropy = -(log_pos.exp() * log_pos + log_neg.exp() * log_neg)  # [N, D]
@@ -129,17 +145,23 @@ def entropy_terms(z: Tensor, temperature: float = 0.01, *, sync_batch: bool = Fa
         avg_probs = _mean_code_probs(log_pos, log_neg)
         if sync_batch:
             avg_probs = _all_reduce_mean(avg_probs)
-        return sample_entropy, _entropy(avg_probs)
+        return sample_entropy, _entropy(avg_probs, eps)
 
 
-def entropy_terms_bruteforce(z: Tensor, temperature: float = 0.01) -> tuple[Tensor, Tensor]:
-    """Literal definition of entropy_terms: builds the full [N, 2^D] softmax (reference and benchmark)."""
+def entropy_terms_bruteforce(
+    z: Tensor, temperature: float = 0.01, eps: float = OFFICIAL_ENTROPY_EPS
+) -> tuple[Tensor, Tensor]:
+    """The official entropy_loss written out over the full [N, 2^D] logits (reference and benchmark):
+    probs = softmax(logits / t), log_probs = log_softmax(logits / t + eps), sample = mean_n of
+    -sum probs * log_probs, batch = -sum pbar log(pbar + eps) with pbar = mean_n probs."""
     _check_temperature(temperature)
+    _check_eps(eps)
     codebook = codes_to_vectors(torch.arange(2 ** z.shape[-1], device=z.device), z.shape[-1], z.dtype)
-    log_p = torch.log_softmax(2 * (z @ codebook.T) / temperature, dim=-1)  # [N, 2^D]
-    p = log_p.exp()
-    sample_entropy = -(p * log_p).sum(-1).mean()
-    return sample_entropy, _entropy(p.mean(0))
+    logits = 2 * (z @ codebook.T)  # [N, 2^D]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    log_probs = torch.log_softmax(logits / temperature + eps, dim=-1)
+    sample_entropy = -(probs * log_probs).sum(-1).mean()
+    return sample_entropy, _entropy(probs.mean(0), eps)
 
 
 def validate_bits(bits: int) -> int:
@@ -203,7 +225,8 @@ class LFQ(nn.Module):
 
     codebook_size, if given, takes precedence over bits and must be a power of two.
     sync_batch_entropy averages the batch code distribution over processes before its entropy; the
-    official code does not (per-GPU batch entropy), so it is off by default.
+    official code does not (per-GPU batch entropy), so it is off by default. entropy_eps is the eps
+    of the batch term -sum p log(p + eps): 1e-5 as in the official code, 0 for the exact entropy.
     """
 
     def __init__(
@@ -216,12 +239,15 @@ class LFQ(nn.Module):
         temperature: float = 0.01,
         sync_batch_entropy: bool = False,
         codebook_size: int | None = None,
+        entropy_eps: float = OFFICIAL_ENTROPY_EPS,
     ):
         super().__init__()
         self.bits = (
             bits_for_codebook_size(codebook_size) if codebook_size is not None else validate_bits(bits)
         )
         _check_temperature(temperature)
+        _check_eps(entropy_eps)
+        self.entropy_eps = float(entropy_eps)
         self.commit_weight = commit_weight
         self.entropy_weight = entropy_weight
         self.sample_weight = sample_weight
@@ -235,7 +261,8 @@ class LFQ(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"bits={self.bits}, temperature={self.temperature}, sync_batch_entropy={self.sync_batch_entropy}"
+            f"bits={self.bits}, temperature={self.temperature}, entropy_eps={self.entropy_eps}, "
+            f"sync_batch_entropy={self.sync_batch_entropy}"
         )
 
     def code_vectors(self, codes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -250,7 +277,8 @@ class LFQ(nn.Module):
         commit = (z - z_q.detach()).pow(2).mean()
         if self.training:
             sample, batch = entropy_terms(
-                z.reshape(-1, self.bits), self.temperature, sync_batch=self.sync_batch_entropy
+                z.reshape(-1, self.bits), self.temperature, sync_batch=self.sync_batch_entropy,
+                eps=self.entropy_eps,
             )
         else:
             sample = batch = commit.new_zeros(())

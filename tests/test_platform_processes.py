@@ -1,0 +1,120 @@
+"""Real processes: a killed and resumed tiny run keeps one W&B run with a continuous step history, and
+two invocations of launch/multinode.sh (node ranks 0 and 1 on 127.0.0.1, one CPU process each; by
+arguments, then through the SLURM variables) form one world-size-2 job with the losses of a
+single-node 2-process run."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mergevq.engine.loggers import RUN_ID_FILE, read_offline_wandb_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TINY = ("tokenizer=tiny", "data=photos", "logger=csv", "train.global_batch_size=4", "loss.perceptual_weight=0",
+        "loss.adversarial_weight=0", "train.progress=false", "train.val_batches=1", "data.val_kwargs.num_samples=4",
+        "data.train_kwargs.num_samples=16", "train.keep_candidates=[36]", "train.log_every=1", "train.val_every=100")
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MERGEVQ_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_"))}
+    out.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT), **extra)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return [(int(r["step"]), float(r["train/total"])) for r in csv.DictReader(handle) if r.get("train/total")]
+
+
+@pytest.mark.slow
+def test_stopped_killed_and_resumed_run_is_one_wandb_run(tmp_path):
+    """Stopped at step 2 (train.interrupt_at, as a requeue stops it), resumed to step 4: one W&B run id
+    and steps 1..4 once each, read back with wandb's reader. Then killed (SIGKILL) inside step 5 and
+    resumed again: the same id (offline, records wandb-core still buffered at a SIGKILL are lost)."""
+    run_dir = tmp_path / "run"
+    cmd = [PY, "-m", "mergevq.train_tokenizer", *TINY, "logger=wandb", "train.ckpt_every=1"]
+    extra = {"MERGEVQ_RUN_DIR": str(run_dir), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+             "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
+
+    def train(*overrides: str, **more: str) -> subprocess.CompletedProcess:
+        """One run in its own process group; what it leaves running (wandb-core after a SIGKILL) is
+        killed with the group, as SLURM kills every process of a job that it requeues."""
+        proc = subprocess.Popen([*cmd, *overrides], cwd=ROOT, env=env(**extra, **more), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        out, err = proc.communicate(timeout=300)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    for overrides in (("train.max_steps=4", "train.interrupt_at=2"), ("train.max_steps=4",)):
+        proc = train(*overrides)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    runs = read_offline_wandb_runs(run_dir, timeout=5)
+    assert [r["run_id"] for r in runs] == [run_id, run_id] and runs[-1]["state"] == "finished"
+    steps = [int(row["_step"]) for r in runs for row in r["history"] if "train/total" in row]
+    assert steps == [1, 2, 3, 4]
+
+    killed = train("train.max_steps=6", MERGEVQ_FAULT="step:5")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert train("train.max_steps=6").returncode == 0
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 4 and {f.name.rsplit("-", 1)[1] for f in folders} == {run_id}
+    last = read_offline_wandb_runs(run_dir, timeout=5)[-1]
+    assert last["run_id"] == run_id and [int(r["_step"]) for r in last["history"] if "train/total" in r] == [5, 6]
+
+
+def multinode(node_rank: int, port: int, run_dir: Path, *flags: str, **extra: str) -> subprocess.Popen:
+    accelerate = shutil.which("accelerate", path=str(Path(PY).parent)) or "accelerate"
+    cmd = ["bash", "launch/multinode.sh", *flags, "--backend", "cpu", "--config", "launch/accelerate/cpu_2proc.yaml",
+           "--accelerate", accelerate, "--run-dir", str(run_dir), "train_tokenizer", *TINY, "train.max_steps=3"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(ACCELERATE_USE_CPU="1", **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, f"{shlex.join(proc.args)} ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
+
+
+@pytest.mark.slow
+def test_two_nodes_on_this_machine_equal_one_node_with_two_processes(tmp_path):
+    single = tmp_path / "single"
+    wait_all([multinode(0, 0, single, "--nnodes", "1", "--nproc-per-node", "2", "--master-port", str(free_port()))])
+    reference = losses(single)
+    assert [step for step, _ in reference] == [1, 2, 3]
+
+    port = str(free_port())
+    by_hand = tmp_path / "two_nodes"
+    wait_all([multinode(rank, 0, by_hand, "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                        "--master-port", port, "--nproc-per-node", "1") for rank in (0, 1)])
+    assert losses(by_hand) == reference
+    assert '"world_size": 2' in (by_hand / "environment.json").read_text()
+
+    slurm = tmp_path / "slurm"  # no options: everything from the SLURM variables
+    port = str(free_port())
+    wait_all([multinode(rank, 0, slurm, SLURM_NNODES="2", SLURM_NODEID=str(rank), SLURM_GPUS_ON_NODE="1",
+                        SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", SLURM_JOB_ID="4242", MASTER_PORT=port)
+              for rank in (0, 1)])
+    assert losses(slurm) == reference
