@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,14 +58,12 @@ def test_stopped_killed_and_resumed_run_is_one_wandb_run(tmp_path):
              "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
 
     def train(*overrides: str, **more: str) -> subprocess.CompletedProcess:
-        """One run in its own process group; what it leaves running (wandb-core after a SIGKILL) is
-        killed with the group, as SLURM kills every process of a job that it requeues."""
-        proc = subprocess.Popen([*cmd, *overrides], cwd=ROOT, env=env(**extra, **more), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        out, err = proc.communicate(timeout=300)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        """One run; what it leaves running (wandb-core after a SIGKILL, which detaches into its own
+        session) is killed too, as SLURM kills every process of a job that it requeues."""
+        proc = subprocess.run([*cmd, *overrides], cwd=ROOT, env=env(**extra, **more), capture_output=True,
+                              text=True, timeout=300)
+        kill_processes_with_env(f"WANDB_CONFIG_DIR={extra['WANDB_CONFIG_DIR']}")
+        return proc
 
     for overrides in (("train.max_steps=4", "train.interrupt_at=2"), ("train.max_steps=4",)):
         proc = train(*overrides)
@@ -82,6 +81,25 @@ def test_stopped_killed_and_resumed_run_is_one_wandb_run(tmp_path):
     assert len(folders) == 4 and {f.name.rsplit("-", 1)[1] for f in folders} == {run_id}
     last = read_offline_wandb_runs(run_dir, timeout=5)[-1]
     assert last["run_id"] == run_id and [int(r["_step"]) for r in last["history"] if "train/total" in r] == [5, 6]
+
+
+def kill_processes_with_env(entry: str, timeout: float = 30.0) -> None:
+    """SIGKILL every process whose environment holds ``entry`` (KEY=value) and wait until they are gone."""
+    def holders() -> list[int]:
+        pids = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):
+                if entry.encode() in environ.read_bytes().split(b"\0"):
+                    pids.append(int(environ.parent.name))
+        return [pid for pid in pids if pid != os.getpid()]
+
+    deadline = time.monotonic() + timeout
+    while (pids := holders()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    assert not holders(), f"processes with {entry} outlived SIGKILL"
 
 
 def multinode(node_rank: int, port: int, run_dir: Path, *flags: str, **extra: str) -> subprocess.Popen:
