@@ -29,8 +29,11 @@ TINY = ("tokenizer=tiny", "data=photos", "logger=csv", "train.global_batch_size=
 
 
 def env(**extra: str) -> dict[str, str]:
+    # WANDB_SERVICE: an in-process W&B test of this pytest run leaves its wandb-core service in the
+    # environment; a child that inherits it shares that service, which still holds a killed run's id
     out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MERGEVQ_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_"))}
+           if not k.startswith(("SLURM_", "MERGEVQ_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_",
+                                "WANDB_SERVICE"))}
     out.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT), **extra)
     return out
