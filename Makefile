@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook check-docs
+.PHONY: help install test test-all lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook check-docs
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 # make reconstruct's default input: the two photos scikit-learn ships (china.jpg, flower.jpg)
@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## make .venv (pip, torch pinned by constraints.txt)
 
-test: $(STAMP) ## run the test suite
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP) ## the fast tests (no subprocess or multi-process tests), 2 workers
+	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+
+test-all: $(STAMP) ## every test, the slow (subprocess, multi-process) ones included: what CI runs
+	$(PY) -m pytest -q -n 2 $(ARGS)
 
 check-docs: $(STAMP) ## every README / make help command composes as printed (tests/test_docs.py)
 	$(PY) -m pytest -q tests/test_docs.py $(ARGS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import shlex
 import shutil
@@ -125,6 +126,10 @@ def test_two_nodes_on_this_machine_equal_one_node_with_two_processes(tmp_path):
     wait_all([multinode(0, 0, single, "--nnodes", "1", "--nproc-per-node", "2", "--master-port", str(free_port()))])
     reference = losses(single)
     assert [step for step, _ in reference] == [1, 2, 3]
+    # one node, launch/multinode.sh from arguments: two ranks in one gloo group, recorded by run and checkpoint
+    assert json.loads((single / "environment.json").read_text())["world_size"] == 2
+    states = [json.loads(p.read_text()) for p in (single / "checkpoints").glob("step_*/state.json")]
+    assert states and all(state["world_size"] == 2 for state in states)
 
     port = str(free_port())
     by_hand = tmp_path / "two_nodes"

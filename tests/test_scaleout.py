@@ -434,20 +434,6 @@ def tiny_single_job(backend: str | None = "cpu", *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_multinode_script_runs_two_cpu_ranks(tmp_path):
-    """launch/multinode.sh for real on one CPU node: accelerate launch with launch/accelerate/cpu_2proc.yaml
-    starts two ranks in one gloo group (world size 2 recorded by the run and its checkpoint)."""
-    accelerate = shutil.which("accelerate", path=str(Path(PY).parent)) or "accelerate"
-    run_dir = tmp_path / "run"
-    run(["bash", "launch/multinode.sh", "--nnodes", "1", "--nproc-per-node", "2", "--master-port", "0",
-         "--backend", "cpu", "--config", "launch/accelerate/cpu_2proc.yaml", "--accelerate", accelerate,
-         "--run-dir", str(run_dir), "train_tokenizer", *tiny_single_job(None)], ACCELERATE_USE_CPU="1")
-    assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
-    state = json.loads(next((run_dir / "checkpoints").glob("step_*/state.json")).read_text())
-    assert state["world_size"] == 2 and state["step"] == 1
-
-
-@pytest.mark.slow
 def test_submitit_local_launcher_runs_ddp_job(tmp_path):
     """hydra/launcher=local_submitit_ddp: the submitit launcher without SLURM, 2 tasks mapped to ranks."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
