@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 from mergevq.interop import load_official_tokenizer
 from mergevq.interop.official import official_to_project_key
