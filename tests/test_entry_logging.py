@@ -96,6 +96,7 @@ def test_class_grids_rows():
 SAMPLE_ARGS = (f"per_class={PER_CLASS}", "batch_size=4", "cfg_scale=1.0", "npz=false")
 
 
+@pytest.mark.slow
 def test_sample_logs_to_csv(generator_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MERGEVQ_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sample"
@@ -130,6 +131,7 @@ def test_sample_logs_to_csv(generator_run, tmp_path, monkeypatch, capsys):
         assert float(next(csv.DictReader(handle))["eval/gfid"]) == pytest.approx(gfid)
 
 
+@pytest.mark.slow
 def test_sample_card_with_inception_weights(generator_run, tmp_path, monkeypatch):
     """eval.inception_weights: IS and sFID in the card, with the weights' hash; a random network of the
     same architecture is labelled untrained."""

@@ -186,6 +186,7 @@ def untrained_inception(tmp_path_factory) -> Path:
     return save_untrained_inception(tmp_path_factory.mktemp("inception") / "untrained_inception.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_fidelity_inception_blocks_match_the_network(untrained_inception):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

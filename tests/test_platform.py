@@ -60,7 +60,7 @@ def preset_cases():
     return cases
 
 
-@pytest.mark.parametrize("kind", LOGGER_KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "wandb" else k for k in LOGGER_KINDS])
 def test_every_preset_and_sweep_builds_every_logger(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb.init checks every argument, writes nothing
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -287,6 +287,7 @@ def test_duplicate_rules_on_the_real_code_cache(codes):
         assert 0 <= r["adjacent_agreement"] <= 1 and 0 <= r["same_code_any_agreement"] <= 1
 
 
+@pytest.mark.slow
 def test_copy_head_loss_goes_down_on_real_codes(codes):
     """The copy decision learns from the code grids ``mergevq.entries.pretokenize`` wrote (8 images, 40 steps)."""
     cache = CodeCache(codes)

@@ -82,7 +82,7 @@ VARIANT_RUNS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANT_RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "g_teacher" else n for n in VARIANT_RUNS])
 def test_tiny_run(tmp_path, name):
     spec = VARIANT_RUNS[name]
     run_dir = train(tmp_path / "run", *spec["overrides"])
@@ -157,6 +157,7 @@ def test_teacher_run_uses_three_views(tmp_path):
 # ------------------------------------------------------------------------------------------ 2. overfit
 
 
+@pytest.mark.slow
 def test_overfits_four_images(tmp_path):
     """G+R tiny, K pinned at 64, four fixed images, no GAN / perceptual terms, lr 1e-3."""
     steps = 30
@@ -176,6 +177,7 @@ def test_overfits_four_images(tmp_path):
 # ------------------------------------------------------------------------------- 3. resume equivalence
 
 
+@pytest.mark.slow
 def test_memory_and_layout_switches_keep_the_losses(tmp_path, monkeypatch):
     """train.activation_checkpointing and backend.channels_last change how the step runs, not what it
     computes: the same logged losses as the plain run (to float rounding)."""
@@ -202,6 +204,7 @@ def test_memory_and_layout_switches_keep_the_losses(tmp_path, monkeypatch):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(tmp_path):
     """6 steps straight vs. killed after step 4 (last checkpoint: 3) and resumed: identical weights.
     8 training images = 2 steps per epoch, so the resume lands mid-epoch and crosses epochs."""
