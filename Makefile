@@ -39,35 +39,35 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check mergevq tests
 
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
-	$(PY) -m mergevq.summary $(ARGS)
+	$(PY) -m mergevq.entries.summary $(ARGS)
 
 demo: $(STAMP) ## the whole pipeline on the CPU (about 30 minutes): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
-	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.train_tokenizer experiment=demo_tiny $(ARGS)
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=100 lpips.enabled=false
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_raster $(PY) -m mergevq.tokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_raster keep=64 num_images=2048 overwrite=true
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_mergear generator=mergear
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_raster generator=raster
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_randar $(PY) -m mergevq.train_ar experiment=demo_randar codes=$(DEMO_DIR)/codes_mergear
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=20 keep=25 budget=strict evaluate.enabled=true evaluate.num_reference=1000
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_raster per_class=20 evaluate.enabled=true evaluate.num_reference=1000
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.sample ckpt=$(DEMO_DIR)/ar_randar per_class=20 keep=25 evaluate.enabled=true evaluate.num_reference=1000
-	$(PY) -m mergevq.demo $(DEMO_DIR)
+	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.entries.train_tokenizer experiment=demo_tiny $(ARGS)
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=100 lpips.enabled=false
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_raster $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_raster keep=64 num_images=2048 overwrite=true
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_mergear generator=mergear
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_raster generator=raster
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_randar $(PY) -m mergevq.entries.train_ar experiment=demo_randar codes=$(DEMO_DIR)/codes_mergear
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=20 keep=25 budget=strict evaluate.enabled=true evaluate.num_reference=1000
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_raster per_class=20 evaluate.enabled=true evaluate.num_reference=1000
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar per_class=20 keep=25 evaluate.enabled=true evaluate.num_reference=1000
+	$(PY) -m mergevq.entries.demo_report $(DEMO_DIR)
 
 eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps=[16,36,64] num_images=1000"]
-	$(PY) -m mergevq.evaluate ckpt=$(CKPT) $(ARGS)
+	$(PY) -m mergevq.entries.evaluate ckpt=$(CKPT) $(ARGS)
 
 probe: $(STAMP) ## linear probe of the frozen encoder: make probe CKPT=outputs/demo
-	$(PY) -m mergevq.probe ckpt=$(CKPT) $(ARGS)
+	$(PY) -m mergevq.entries.probe ckpt=$(CKPT) $(ARGS)
 
 tokenize: $(STAMP) ## pre-tokenize a data set: make tokenize ARGS="ckpt=outputs/demo out=outputs/codes keep_range=[16,64]"
-	$(PY) -m mergevq.tokenize $(ARGS)
+	$(PY) -m mergevq.entries.pretokenize $(ARGS)
 
 train-ar: $(STAMP) ## stage II: make train-ar ARGS="codes=outputs/codes generator=mergear ar=tiny"
-	$(PY) -m mergevq.train_ar $(ARGS)
+	$(PY) -m mergevq.entries.train_ar $(ARGS)
 
 sample: $(STAMP) ## sample a generator: make sample CKPT=outputs/ar [ARGS="per_class=8 cfg_scale=[2,2]"]
-	$(PY) -m mergevq.sample ckpt=$(CKPT) $(ARGS)
+	$(PY) -m mergevq.entries.sample ckpt=$(CKPT) $(ARGS)
 
 bench: $(STAMP) ## benchmarks (not tests): make bench ARGS="--size tiny --suite all" (d64 on a GPU: --size d64 --device cuda)
 	$(PY) -m mergevq.benchmarks $(ARGS)
@@ -78,32 +78,32 @@ bench-ar: $(STAMP) ## raster vs MergeAR vs RandAR decoding (JSON in outputs/benc
 	$(if $(CKPT),$(PY) -m mergevq.benchmarks.ar_trained --ckpt $(CKPT) $(if $(RASTER),--raster $(RASTER)) $(if $(CODES),--codes $(CODES)))
 
 reconstruct: $(STAMP) ## reconstructions + merge maps: make reconstruct CKPT=outputs/demo KEEP=[16,36,64] (INPUT=img_or_dir; default: scikit-learn's photos)
-	$(PY) -m mergevq.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)
+	$(PY) -m mergevq.entries.reconstruct ckpt=$(CKPT) input=$(INPUT) keep=$(KEEP) $(ARGS)
 
 export-hub: $(STAMP) ## a training run as a hub folder (safetensors, config.json, model card): make export-hub CKPT=outputs/demo OUT=hub/demo
 	$(PY) -c "from mergevq.interop import export_run; print(export_run('$(CKPT)', '$(OUT)'))"
 
 report: $(STAMP) ## aggregate eval cards into report.md/csv/plots: make report DIR=multirun/merge_ratio
-	$(PY) -m mergevq.report $(DIR) $(ARGS)
+	$(PY) -m mergevq.entries.report $(DIR) $(ARGS)
 
 eval-sweep: $(STAMP) ## evaluate every job of a sweep, then report: make eval-sweep DIR=multirun/x ARGS="keeps=[36,64]"
-	MERGEVQ_SWEEP_DIR=$(DIR)/eval $(PY) -m mergevq.evaluate -m ckpt=$$(ls -d $(DIR)/[0-9]* | paste -sd, -) $(ARGS)
-	$(PY) -m mergevq.report $(DIR)
+	MERGEVQ_SWEEP_DIR=$(DIR)/eval $(PY) -m mergevq.entries.evaluate -m ckpt=$$(ls -d $(DIR)/[0-9]* | paste -sd, -) $(ARGS)
+	$(PY) -m mergevq.entries.report $(DIR)
 
 train-multinode: $(STAMP) ## one node of a multi-node run: make train-multinode LAUNCH="--nnodes 2 --node-rank 0 --master-addr h --nproc-per-node 8" ARGS="experiment=..."
 	ACCELERATE=$(VENV)/bin/accelerate launch/multinode.sh $(LAUNCH) train_tokenizer $(ARGS)
 
 sweep-slurm: $(STAMP) ## Hydra sweep on SLURM (submitit, requeue + resume): make sweep-slurm SWEEP=merge_ratio ARGS="experiment=... backend=gpu"
-	$(PY) -m mergevq.train_tokenizer -m hydra/launcher=slurm sweep=$(SWEEP) $(ARGS)
+	$(PY) -m mergevq.entries.train_tokenizer -m hydra/launcher=slurm sweep=$(SWEEP) $(ARGS)
 
 train-tokenizer: $(STAMP) ## stage I, e.g. make train-tokenizer ARGS="experiment=tokenizer_256_gr_d64 paths.data=/data paths.weights=/weights"
-	$(PY) -m mergevq.train_tokenizer $(ARGS)
+	$(PY) -m mergevq.entries.train_tokenizer $(ARGS)
 
 train-tokenizer-ddp: $(STAMP) ## stage I on NPROC CPU processes (torchrun); GPUs: see README
-	ACCELERATE_USE_CPU=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m mergevq.train_tokenizer $(ARGS)
+	ACCELERATE_USE_CPU=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m mergevq.entries.train_tokenizer $(ARGS)
 
 sweep-merge: $(STAMP) ## Hydra multirun over keep-K candidate lists (sweep=merge_ratio)
-	$(PY) -m mergevq.train_tokenizer sweep=merge_ratio $(ARGS)
+	$(PY) -m mergevq.entries.train_tokenizer sweep=merge_ratio $(ARGS)
 
 sweep-codebook: $(STAMP) ## Hydra multirun over LFQ bits x entropy weight (sweep=codebook)
-	$(PY) -m mergevq.train_tokenizer sweep=codebook $(ARGS)
+	$(PY) -m mergevq.entries.train_tokenizer sweep=codebook $(ARGS)

@@ -4,7 +4,8 @@
 #
 #   launch/multinode.sh [options] [ENTRY] [--] [HYDRA OVERRIDES ...]
 #
-# ENTRY is a mergevq entry module: train_tokenizer (default), train_ar, evaluate, tokenize, sample, probe.
+# ENTRY is a mergevq entry (module mergevq.entries.ENTRY): train_tokenizer (default), train_ar, evaluate,
+# pretokenize (or its config name tokenize), sample, probe.
 # Run `launch/multinode.sh --help` for the options. Examples:
 #   # by hand, on each of 2 nodes with 8 GPUs (node rank 0 on host node0):
 #   launch/multinode.sh --nnodes 2 --node-rank 0 --master-addr node0 --nproc-per-node 8 \
@@ -21,7 +22,7 @@ usage() {
     cat <<'EOF'
 usage: launch/multinode.sh [options] [ENTRY] [--] [HYDRA OVERRIDES ...]
 
-Starts, on this node, `accelerate launch ... -m mergevq.ENTRY backend=<backend> OVERRIDES`.
+Starts, on this node, `accelerate launch ... -m mergevq.entries.ENTRY backend=<backend> OVERRIDES`.
 Every value comes from an option, else from the environment (SLURM or torch-style), else a default:
 
   --nnodes N            nodes in the job          [SLURM_NNODES, NNODES; default 1]
@@ -80,8 +81,9 @@ done
 
 entry="${entry:-train_tokenizer}"
 case "$entry" in
-    train_tokenizer|train_ar|evaluate|tokenize|sample|probe) ;;
-    *) echo "error: unknown entry '$entry': use train_tokenizer, train_ar, evaluate, tokenize, sample or probe" >&2; exit 2 ;;
+    train_tokenizer|train_ar|evaluate|pretokenize|sample|probe) ;;
+    tokenize) ;;  # the config's name of pretokenize
+    *) echo "error: unknown entry '$entry': use train_tokenizer, train_ar, evaluate, pretokenize, sample or probe" >&2; exit 2 ;;
 esac
 
 # ---- values from the environment when not given ----------------------------------------------------
@@ -146,7 +148,7 @@ cmd=("$accelerate_bin" launch --config_file "$config"
      --num_machines "$nnodes" --machine_rank "$node_rank"
      --main_process_ip "$master_addr" --main_process_port "$master_port"
      --num_processes "$total"
-     -m "mergevq.$entry" "backend=$backend" "${overrides[@]}")
+     -m "mergevq.entries.${entry/#tokenize/pretokenize}" "backend=$backend" "${overrides[@]}")
 
 echo "multinode: node $node_rank of $nnodes, master $master_addr:$master_port, $nproc processes per node" \
      "($total in all), backend=$backend${run_dir:+, run dir $run_dir}" >&2

@@ -1,6 +1,6 @@
 """The one base class of known failures: a wrong input, a damaged file, a busy run directory.
 
-``mergevq.cli.run_entry`` prints such an error as one line (``error: <message>``) and exits with
+``mergevq.entries.cli.run_entry`` prints such an error as one line (``error: <message>``) and exits with
 status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead. Subclasses also derive from the builtin
 they refine (ValueError, OSError, ...), so callers that catch those keep working.
 """
@@ -18,6 +18,10 @@ class RunDirError(UserError, OSError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file is damaged (hash mismatch, truncated) or is of the wrong kind for this entry."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
 
 
 class DataError(UserError, ValueError):

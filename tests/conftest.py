@@ -6,15 +6,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def load_group(group: str, name: str) -> dict:
-    """One config group option as a plain dict (interpolations are not needed by model groups)."""
-    return yaml.safe_load((ROOT / "conf" / group / f"{name}.yaml").read_text())
+from helpers import FIXTURES  # noqa: E402
+from helpers.wandb import wandb_offline  # noqa: E402, F401  (the one W&B fixture)
 
 
 @pytest.fixture(scope="module")
@@ -34,31 +27,41 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-TINY_PHOTOS = {
-    "name": "photos", "root": None, "cache_dir": None, "size": 32, "align_size": 28,
-    "train_kwargs": {"num_samples": 32, "crop_size": 64, "seed": 0},
-    "val_kwargs": {"num_samples": 16, "crop_size": 64, "seed": 1},
-}
+# ------------------------------------------------------------- fast tests start no processes
+
+# `make test` runs `-m "not slow"`: a test (or a fixture it uses) that starts a Python process, a
+# launcher or a shell script must be marked slow. Checked at every process start during the run.
+_PROCESS_PROGRAMS = ("python", "torchrun", "accelerate", "bash", "sh")
+_running: dict[str, pytest.Item | None] = {"item": None}
 
 
-def tiny_tokenizer(seed: int, recovery: dict | None = None):
-    """The tiny G+R tokenizer with seeded random weights, in eval mode."""
-    import torch
-
-    from mergevq.models.factory import build_tokenizer
-
-    torch.manual_seed(seed)
-    return build_tokenizer(load_group("tokenizer", "tiny"), load_group("variant", "gr"), {"bits": 18}, recovery).eval()
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running["item"] = item
+    yield
+    _running["item"] = None
 
 
-def write_tokenizer_run(root: Path, data: dict | None = None, step: int = 1, recovery: dict | None = None) -> Path:
-    """A tokenizer run directory without training: one checkpoint with distinct raw (seed 1) and EMA
-    (seed 0) weights and the stored config that `load_trained_tokenizer` rebuilds from."""
-    from mergevq.engine.checkpoint import save_checkpoint
+def _starts_a_process_program(args) -> bool:
+    import sys
 
-    config = {"tokenizer": load_group("tokenizer", "tiny"), "variant": load_group("variant", "gr"),
-              "quantizer": {"bits": 18}, "recovery": recovery, "data": data or TINY_PHOTOS, "train": {}, "seed": 0}
-    models = {"tokenizer": tiny_tokenizer(1, recovery), "tokenizer_ema": tiny_tokenizer(0, recovery)}
-    save_checkpoint(root / "checkpoints", step=step, models=models, optimizers={}, extra={"step": step},
-                    metadata={"config": yaml.safe_dump(config)})
-    return root
+    argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+    if not argv:
+        return False
+    program = str(argv[0])
+    return program == sys.executable or Path(program).name.startswith(_PROCESS_PROGRAMS)
+
+
+def pytest_configure(config):
+    import subprocess
+
+    start = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        item = _running["item"]
+        if item is not None and item.get_closest_marker("slow") is None and _starts_a_process_program(args):
+            pytest.fail(f"{item.nodeid} starts a process ({args!r:.120}) but is not marked slow: add "
+                        "@pytest.mark.slow (make test runs the fast set, -m 'not slow')", pytrace=False)
+        start(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded

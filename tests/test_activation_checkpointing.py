@@ -3,6 +3,7 @@ activations; and backend.compile compiles only the fixed-shape parts, in place."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mergevq.benchmarks import common
@@ -67,6 +68,7 @@ def test_gpt_checkpointing_same_gradients_and_cache_path_untouched():
     assert all(isinstance(layer, Recomputable) and layer.activation_checkpointing for layer in model.layers)
 
 
+@pytest.mark.slow
 def test_compile_setting_compiles_fixed_shape_parts_in_place():
     from mergevq.engine.runner import compile_in_place
 

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
+from helpers.models import groups_to_source
 
 from mergevq.benchmarks import reference
 from mergevq.benchmarks.common import model_configs
 from mergevq.models.factory import build_tokenizer, layout
-from mergevq.models.merge import canonical_order, groups_to_source, unmerge
+from mergevq.models.merge import canonical_order, unmerge
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -112,6 +113,7 @@ def test_training_step_paths_agree():
     assert result["losses"] == pytest.approx(fast)
 
 
+@pytest.mark.slow
 def test_entry_point_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "mergevq.benchmarks", "--size", "tiny", "--suite", "ar", "--device", "cpu",

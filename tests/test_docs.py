@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mergevq.cli import CONF_DIR, check_preset
+from mergevq.entries.cli import CONF_DIR, MODULES, check_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -72,12 +72,13 @@ def entry_calls(command: str) -> list[tuple[str, list[str]]]:
         variables = dict(MAKE_DEFAULTS, **dict(w.split("=", 1) for w in words[2:] if "=" in w))
         lines = [re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), ""), r) for r in recipes()[words[1]]]
         return [call for line in lines if "$$(" not in line for call in entry_calls(line)]
-    match = re.search(r"-m mergevq\.(\w+)", command)
-    if match is None or not (CONF_DIR / f"{match.group(1)}.yaml").is_file():
-        return []  # not a Hydra entry (benchmarks, demo, report take plain arguments)
+    match = re.search(r"-m mergevq\.entries\.(\w+)", command)
+    config = match and {module: name for name, module in MODULES.items()}.get(match.group(1), match.group(1))
+    if match is None or not (CONF_DIR / f"{config}.yaml").is_file():
+        return []  # not a Hydra entry (benchmarks, demo_report, report take plain arguments)
     rest = shlex.split(command[match.end():])
     overrides = [w for w in rest if "=" in w and not w.startswith("-") and not w.endswith("...") and w != "..."]
-    return [(match.group(1), overrides)]
+    return [(config, overrides)]
 
 
 COMMANDS = sorted(set(readme_commands()) | set(help_commands()))
@@ -86,7 +87,7 @@ COMMANDS = sorted(set(readme_commands()) | set(help_commands()))
 def test_the_documented_commands_were_found():
     assert len(COMMANDS) > 30
     assert any(c.startswith("make reconstruct") for c in COMMANDS)
-    assert any("python -m mergevq.train_tokenizer tokenizer=tiny" in c for c in COMMANDS)
+    assert any("python -m mergevq.entries.train_tokenizer tokenizer=tiny" in c for c in COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -109,7 +110,7 @@ def test_documented_command_has_no_shell_placeholder(command):
 
 def first_stage1_example() -> str:
     block = README.read_text().split("## Training a tokenizer (stage I)", 1)[1]
-    line = next(line for line in block.splitlines() if line.startswith("python -m mergevq.train_tokenizer"))
+    line = next(line for line in block.splitlines() if line.startswith("python -m mergevq.entries.train_tokenizer"))
     return re.split(r"\s#\s", line)[0].strip()
 
 

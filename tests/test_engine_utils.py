@@ -12,21 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.wandb import read_offline_wandb
 from safetensors import safe_open
 from torch import nn
 
-from mergevq.engine import checkpoint as ckpt
-from mergevq.engine import provenance
 from mergevq.engine.ema import EMA
-from mergevq.engine.loggers import (
+from mergevq.engine.schedules import build_scheduler, lr_lambda, optimizer_steps
+from mergevq.runs import checkpoint as ckpt
+from mergevq.runs import provenance
+from mergevq.runs.loggers import (
     CSVLogger,
     NoLogger,
     WandbLogger,
     build_logger,
-    read_offline_wandb,
     wandb_credentials_configured,
 )
-from mergevq.engine.schedules import build_scheduler, lr_lambda, optimizer_steps
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -414,16 +414,9 @@ def test_wandb_credentials_detection(tmp_path, monkeypatch):
     assert wandb_credentials_configured()
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    """Offline, silent W&B with every side directory inside tmp_path."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
-    return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_read_back(wandb_offline):
     run_dir = wandb_offline
     logger = build_logger(
@@ -454,6 +447,7 @@ def test_wandb_offline_run_is_read_back(wandb_offline):
     assert (Path(got["path"]) / got["summary"]["recon"]["path"]).parent.name == "images"
 
 
+@pytest.mark.slow
 def test_transaction_log_reader_spans_blocks(wandb_offline):
     """wandb's reader on a log larger than one 32 KiB block (records split across blocks) and on a torn one."""
     logger = WandbLogger(wandb_offline, project="mergevq-test", config={"text": "x" * 40000})

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_PHOTOS, write_tokenizer_run
+from helpers import ROOT
+from helpers.models import TINY_PHOTOS, write_tokenizer_run
+from helpers.wandb import read_offline_wandb
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from mergevq.data.code_cache import CodeCache, CodeCacheWriter
-from mergevq.engine.checkpoint import save_checkpoint
-from mergevq.engine.loggers import read_offline_wandb
-from mergevq.engine.stage2 import cache_contents, generator_setup
-from mergevq.evaluate import task as evaluate_task
-from mergevq.reconstruct import task as reconstruct_task
-from mergevq.sample import task as sample_task
-from mergevq.sampling import class_grids
+from mergevq.data.code_cache import CodeCache, CodeCacheWriter, cache_contents
+from mergevq.entries.evaluate import task as evaluate_task
+from mergevq.entries.reconstruct import task as reconstruct_task
+from mergevq.entries.sample import task as sample_task
+from mergevq.entries.sampling import class_grids
+from mergevq.models.factory import build_generator
+from mergevq.runs.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
@@ -53,19 +54,12 @@ def generator_run(tmp_path_factory, tokenizer_run) -> Path:
               "ar": {"size": "tiny", "factorized_bits": [6, 12], "n_layer": 1, "intra_layers": 1},
               "generator": {"kind": "mergear", "window": 4, "keep_options": None, "duplicate_rule": "adjacent"}}
     cache = CodeCache(config["codes"])
-    gpt, _ = generator_setup(config, {**cache.meta, **cache_contents(cache)})
+    gpt, _ = build_generator(config, {**cache.meta, **cache_contents(cache)})
     save_checkpoint(root / "run" / "checkpoints", step=1, models={"gpt": gpt}, optimizers={}, extra={"step": 1},
                     metadata={"config": yaml.safe_dump(config)})
     return root / "run"
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    """Offline, silent W&B with every side directory inside tmp_path."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
 
 
 def run_entry(entry: str, task, run_dir: Path, *overrides: str):
@@ -102,6 +96,7 @@ def test_class_grids_rows():
 SAMPLE_ARGS = (f"per_class={PER_CLASS}", "batch_size=4", "cfg_scale=1.0", "npz=false")
 
 
+@pytest.mark.slow
 def test_sample_logs_to_csv(generator_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MERGEVQ_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sample"
@@ -136,11 +131,12 @@ def test_sample_logs_to_csv(generator_run, tmp_path, monkeypatch, capsys):
         assert float(next(csv.DictReader(handle))["eval/gfid"]) == pytest.approx(gfid)
 
 
+@pytest.mark.slow
 def test_sample_card_with_inception_weights(generator_run, tmp_path, monkeypatch):
     """eval.inception_weights: IS and sFID in the card, with the weights' hash; a random network of the
     same architecture is labelled untrained."""
-    from mergevq.eval.card import sha256_file
     from mergevq.eval.inception import save_untrained_inception
+    from mergevq.runs.card import sha256_file
 
     monkeypatch.setenv("MERGEVQ_CACHE", str(tmp_path / "cache"))
     weights = save_untrained_inception(tmp_path / "untrained_inception.pth")
@@ -160,6 +156,7 @@ def test_sample_card_with_inception_weights(generator_run, tmp_path, monkeypatch
     assert "inception_score" in (tmp_path / "out" / "eval_card.md").read_text()
 
 
+@pytest.mark.slow
 def test_sample_logs_to_wandb(generator_run, tmp_path, wandb_offline, capsys):
     out = tmp_path / "sample"
     run_entry("sample", sample_task, out, f"ckpt={generator_run}", *SAMPLE_ARGS, "logger=wandb", "progress=false")

@@ -186,13 +186,14 @@ def untrained_inception(tmp_path_factory) -> Path:
     return save_untrained_inception(tmp_path_factory.mktemp("inception") / "untrained_inception.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_fidelity_inception_blocks_match_the_network(untrained_inception):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-    from mergevq.eval.card import sha256_file
     from mergevq.eval.inception import FidelityInception, inception_score_torch_fidelity, split_blocks
+    from mergevq.runs.card import sha256_file
 
     net = FidelityInception(untrained_inception)
     assert net.trained is False and net.weights_sha256 == sha256_file(untrained_inception)

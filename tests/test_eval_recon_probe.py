@@ -10,10 +10,14 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import load_group
+from helpers.models import load_group
 from torch import nn
 
-from mergevq.eval.card import (
+from mergevq.eval.probe import extract_probe_features, linear_probe
+from mergevq.eval.recon import CodebookStats, ReconstructionEvaluator, psnr_per_image, ssim_per_image
+from mergevq.models.factory import build_tokenizer
+from mergevq.models.magvit2 import Magvit2Tokenizer
+from mergevq.runs.card import (
     PACKAGES,
     UNTRAINED_FID,
     UNTRAINED_LPIPS,
@@ -23,10 +27,6 @@ from mergevq.eval.card import (
     sha256_file,
     write_card,
 )
-from mergevq.eval.probe import extract_probe_features, linear_probe
-from mergevq.eval.recon import CodebookStats, ReconstructionEvaluator, psnr_per_image, ssim_per_image
-from mergevq.models.factory import build_tokenizer
-from mergevq.models.magvit2 import Magvit2Tokenizer
 
 KEEPS = [36, 64]
 

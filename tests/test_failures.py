@@ -17,21 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_PHOTOS, write_tokenizer_run
+from helpers.entries import run_task
+from helpers.models import TINY_PHOTOS, write_tokenizer_run
+from helpers.runs import BASE as TOKENIZER_BASE
+from helpers.runs import train_rows
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict, read_write
 from PIL import Image
-from test_train_tokenizer import BASE as TOKENIZER_BASE
-from test_train_tokenizer import train_rows
 
-from mergevq import evaluate, sample, train_ar, train_tokenizer
-from mergevq.cli import CONF_DIR, one_line_errors
 from mergevq.data.code_cache import CodeCacheWriter
-from mergevq.engine.checkpoint import list_checkpoints, save_checkpoint
-from mergevq.engine.runlock import RunLock
-from mergevq.engine.session import FORMAT
+from mergevq.entries import evaluate, sample, train_ar, train_tokenizer
+from mergevq.entries.cli import CONF_DIR, one_line_errors
 from mergevq.interop.hub import from_pretrained, save_pretrained
+from mergevq.runs.checkpoint import RUN_FORMAT as FORMAT
+from mergevq.runs.checkpoint import list_checkpoints, save_checkpoint
+from mergevq.runs.runlock import RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,16 +47,7 @@ ENTRIES = {"train_tokenizer": (train_tokenizer.task, TOKENIZER), "train_ar": (tr
 def run(entry: str, run_dir: Path, *overrides: str):
     """The entry's task on the composed config, set up as Hydra's run_job does, errors as run_entry shows them."""
     task, base = ENTRIES[entry]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(entry, overrides=[*base, *overrides, f"run_dir='{run_dir}'"], return_hydra_config=True)
-    task_cfg = copy.deepcopy(cfg)
-    with read_write(task_cfg), open_dict(task_cfg):
-        del task_cfg["hydra"]
-    HydraConfig.instance().set_config(cfg)
-    try:
-        return one_line_errors(task)(task_cfg)
-    finally:
-        HydraConfig.instance().cfg = None
+    return run_task(one_line_errors(task), entry, [*base, *overrides, f"run_dir='{run_dir}'"])
 
 
 def one_line_error(capsys, entry: str, run_dir: Path, *overrides: str) -> str:
@@ -103,8 +93,8 @@ def codes(work, tokenizer_run) -> Path:
 
 def generator_run(root: Path, codes_value: str) -> Path:
     """A stage-II checkpoint (an untrained tiny MergeAR) whose stored config names ``codes_value``."""
-    from mergevq.data.code_cache import CodeCache
-    from mergevq.engine.stage2 import cache_contents, generator_setup
+    from mergevq.data.code_cache import CodeCache, cache_contents
+    from mergevq.models.factory import build_generator
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train_ar", overrides=[*AR, f"codes='{codes_value}'", "run_dir=unused"])
@@ -112,7 +102,7 @@ def generator_run(root: Path, codes_value: str) -> Path:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     cache = CodeCache(Path(codes_value) if Path(codes_value).is_absolute() else root.parent / codes_value)
-    model, _ = generator_setup(config, {**cache.meta, **cache_contents(cache)})
+    model, _ = build_generator(config, {**cache.meta, **cache_contents(cache)})
     save_checkpoint(root / "checkpoints", 1, {"gpt": model}, {}, {"step": 1},
                     {"format": FORMAT, "config": yaml.safe_dump(config)})
     return root
@@ -149,7 +139,7 @@ CASES = {
     "resume a generator run": ("train_tokenizer", ["resume='{ar_ckpt}'"], ["is a checkpoint of train_ar", "resume=never"]),
     "num_classes too small": ("train_ar", ["codes='{codes}'", "num_classes=9"], ["class ids [9]", "num_classes=10"]),
     "train_ar max_steps": ("train_ar", ["codes='{codes}'", "train.max_steps=abc"], ["train.max_steps='abc'"]),
-    "train_ar no cache": ("train_ar", ["codes='{missing}'"], ["has no index.json", "mergevq.tokenize"]),
+    "train_ar no cache": ("train_ar", ["codes='{missing}'"], ["has no index.json", "mergevq.entries.pretokenize"]),
     "sample class = num_classes": ("sample", ["ckpt='{ar}'", "classes=[10]"], ["ids [10]", "null class"]),
     "sample negative class": ("sample", ["ckpt='{ar}'", "classes=[-1]"], ["classes=[-1]", "integer >= 0"]),
     "sample keep not an option": ("sample", ["ckpt='{ar}'", "keep=30"], ["keep=30", "[9, 16]"]),
@@ -194,7 +184,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, places, case
 
 def test_full_error_shows_the_traceback(tmp_path, monkeypatch, places):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    from mergevq.config_check import ConfigError
+    from mergevq.entries.config_check import ConfigError
 
     with pytest.raises(ConfigError, match="per_class=0"):
         run("sample", tmp_path / "run", f"ckpt='{places['ar']}'", "per_class=0")
@@ -277,7 +267,7 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back(trained, capsys, capl
 
 
 def test_disk_full_while_checkpointing_names_the_run_dir(trained, capsys, monkeypatch):
-    import mergevq.engine.session as session
+    import mergevq.runs.session as session
 
     real = session.save_checkpoint
 
@@ -330,7 +320,7 @@ def test_stage2_run_stores_the_code_cache_absolute(tmp_path, codes, monkeypatch)
 
 
 def test_hub_config_with_unknown_keys_or_target_is_refused(tmp_path):
-    from conftest import load_group, tiny_tokenizer
+    from helpers.models import load_group, tiny_tokenizer
 
     config = {"tokenizer": load_group("tokenizer", "tiny"), "variant": load_group("variant", "gr"),
               "quantizer": {"bits": 18}, "recovery": None}
@@ -353,16 +343,16 @@ def test_two_real_processes_on_one_run_dir(tmp_path):
     import sys
     import time
 
-    from test_train_tokenizer import cli, describe, subprocess_env
+    from helpers.entries import describe, run_python, subprocess_env
 
     env = subprocess_env(MERGEVQ_RUN_DIR=str(tmp_path / "run"))
-    first = subprocess.Popen([sys.executable, "-m", "mergevq.train_tokenizer", *TOKENIZER, "train.max_steps=100000"],
+    first = subprocess.Popen([sys.executable, "-m", "mergevq.entries.train_tokenizer", *TOKENIZER, "train.max_steps=100000"],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while not (tmp_path / "run" / "config.yaml").exists() and time.time() < deadline:
             time.sleep(0.5)
-        second = cli("-m", "mergevq.train_tokenizer", *TOKENIZER, cwd=tmp_path, env=env)
+        second = run_python("-m", "mergevq.entries.train_tokenizer", *TOKENIZER, cwd=tmp_path, env=env)
         lines = [line for line in second.stderr.splitlines() if line.strip()]
         assert second.returncode == 2 and len(lines) == 1, describe(second)
         assert f"pid {first.pid}" in lines[0] and "in use by another run" in lines[0]

@@ -22,14 +22,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FIXTURES, ROOT, load_group
+from helpers import FIXTURES, ROOT
+from helpers.models import load_group
 from PIL import Image
 
-from mergevq.data.code_cache import CodeCache, CodeCacheWriter
-from mergevq.engine.checkpoint import save_checkpoint
-from mergevq.engine.restore import load_trained_generator, load_trained_tokenizer
-from mergevq.engine.stage2 import cache_contents, generator_setup
-from mergevq.eval.card import EvaluationCard, write_card
+from mergevq.data.code_cache import CodeCache, CodeCacheWriter, cache_contents
+from mergevq.entries.cli import entry_module
+from mergevq.entries.reconstruct import task as reconstruct_task
 from mergevq.interop.hub import HubGenerator, HubTokenizer, export_run, from_pretrained, save_pretrained
 from mergevq.interop.magvit2_import import (
     CheckpointLayoutError,
@@ -38,12 +37,14 @@ from mergevq.interop.magvit2_import import (
     load_open_magvit2_tokenizer,
     official_gpt_state,
 )
-from mergevq.models.factory import build_tokenizer
+from mergevq.models.factory import build_generator, build_tokenizer
 from mergevq.models.gpt import GPT, ModelArgs
 from mergevq.models.lfq import join_codes
 from mergevq.models.mergear import MergeARConfig, keep_index, mergear_mask
 from mergevq.models.positions import group_starts
-from mergevq.reconstruct import task as reconstruct_task
+from mergevq.runs.card import EvaluationCard, write_card
+from mergevq.runs.checkpoint import save_checkpoint
+from mergevq.runs.restore import load_trained_generator, load_trained_tokenizer
 from mergevq.viz import LINE_COLOUR, boundaries, group_pixels, merge_map, merge_strip, segment_layer
 
 RECOVERY = {"enabled": True, "width": 32, "depth": 1, "num_heads": 2, "drop_path": 0.0}
@@ -357,10 +358,11 @@ def write_inputs(folder: Path) -> None:
     (folder / "notes.txt").write_text("not an image")
 
 
+@pytest.mark.slow
 def test_reconstruct_entry(run_dir, tmp_path):
     folder, out = tmp_path / "inputs", tmp_path / "out"
     write_inputs(folder)
-    proc = run_module("mergevq.reconstruct", f"ckpt={run_dir}", f"input={folder}", "keep=[16,64]",
+    proc = run_module("mergevq.entries.reconstruct", f"ckpt={run_dir}", f"input={folder}", "keep=[16,64]",
                       f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("wide", "alpha"):
@@ -404,9 +406,10 @@ def defaults_groups(entry: str) -> list[str]:
     return groups
 
 
+@pytest.mark.slow
 def test_entries_help_lists_config_groups():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = {entry: subprocess.Popen([sys.executable, "-m", f"mergevq.{entry}", "--help"], cwd=ROOT, env=env,
+    procs = {entry: subprocess.Popen([sys.executable, "-m", entry_module(entry), "--help"], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for entry in ENTRIES}
     outputs = {}
@@ -434,7 +437,7 @@ def test_export_generator_run(tmp_path):
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "eval_card.md").write_text("# Evaluation card\n\n| metric | value |\n|---|---|\n| gfid | 3.1416 |\n")
     cache = CodeCache(config["codes"])
-    gpt, mergear = generator_setup(config, {**cache.meta, **cache_contents(cache)})
+    gpt, mergear = build_generator(config, {**cache.meta, **cache_contents(cache)})
     save_checkpoint(run / "checkpoints", step=2, models={"gpt": perturb(gpt, 6, 0.1)}, optimizers={},
                     extra={"step": 2}, metadata={"config": yaml.safe_dump(config)})
     out = export_run(run, tmp_path / "hub")

@@ -214,6 +214,7 @@ def test_lpips_missing_backbone_names_paths(tmp_path, monkeypatch):
         LPIPSLoss(backbone_weights=str(missing))
 
 
+@pytest.mark.slow
 def test_lpips_loads_backbone_weights_file(random_vgg16_features, random_lpips, images):
     from safetensors.torch import save_file
 

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers.models import groups_to_source
 
 from mergevq.models.encoder import MergingTransformer
 from mergevq.models.merge import (
     apply_merge,
     bipartite_match,
     canonical_order,
-    groups_to_source,
     keep_candidates,
     layer_counts,
     merge_schedule,

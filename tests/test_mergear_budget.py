@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from mergevq.engine.stage2 import generator_setup
 from mergevq.models.budget import code_log_probs, decide
+from mergevq.models.factory import build_generator
 from mergevq.models.generate import generate
 from mergevq.models.gpt import GPT, ModelArgs
 from mergevq.models.mergear import (
@@ -196,7 +196,7 @@ def test_checkpoint_config_from_before_the_copy_head_still_samples():
     old_config = {"ar": {"size": "tiny", "dim": 32, "n_layer": 1, "n_head": 2, "intra_layers": 1},
                   "num_classes": 3, "generator": {"kind": "mergear", "window": 2, "keep_options": None}}
     meta = {"codebook_bits": 5, "grid": [4, 4], "keep": {"choices": [4, 9]}, "keeps": [4, 9]}
-    model, mergear = generator_setup(old_config, meta)
+    model, mergear = build_generator(old_config, meta)
     assert model.copy_head is None and not mergear.copy_head
     assert mergear.duplicate_rule == "adjacent" and mergear.mask_groups == "tokenizer"
     assert "copy_head.wq.weight" not in model.state_dict()
@@ -205,5 +205,5 @@ def test_checkpoint_config_from_before_the_copy_head_still_samples():
                             duplicate_rule=mergear.duplicate_rule, budget="strict", budget_keep=9, seed=0)
     assert stats["num_groups"].tolist() == [9, 9] and [len(set(r.tolist())) for r in codes] == [9, 9]
     new_config = {**old_config, "generator": {**old_config["generator"], "copy_head": True, "mask_groups": "codes"}}
-    model, mergear = generator_setup(new_config, meta)
+    model, mergear = build_generator(new_config, meta)
     assert model.copy_head is not None and mergear.mask_groups == "codes"

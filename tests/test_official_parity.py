@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 from mergevq.interop import load_official_tokenizer
 from mergevq.interop.official import official_to_project_key
@@ -41,7 +41,7 @@ def test_shared_fixture_reproduced():
     torch.testing.assert_close(tok.decode(tokens), expected["xrec"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["cnn12", "patch6"])
+@pytest.mark.parametrize("name", [pytest.param("cnn12", marks=pytest.mark.slow), "patch6"])
 def test_other_configurations(name, tmp_path):
     fixture = torch.load(FIXTURES / f"official_extra_{name}.pt", weights_only=True)
     ckpt = tmp_path / "official.ckpt"

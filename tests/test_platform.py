@@ -10,23 +10,23 @@ import sys
 
 import pytest
 import yaml
+from helpers.wandb import read_offline_wandb_runs
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mergevq import cli
-from mergevq.cli import CONF_DIR, check_preset, entry_help, preset_entry
-from mergevq.engine.loggers import (
+from mergevq.engine.runner import resolve_mixed_precision
+from mergevq.entries import cli
+from mergevq.entries.cli import CONF_DIR, check_preset, entry_help, preset_entry
+from mergevq.entries.objective import metric_keep, objective, with_metric_validated
+from mergevq.errors import UserError
+from mergevq.runs.loggers import (
     LOGGER_KINDS,
     RUN_ID_FILE,
     CSVLogger,
     NoLogger,
     WandbLogger,
     logger_from_config,
-    read_offline_wandb_runs,
 )
-from mergevq.engine.runner import resolve_mixed_precision
-from mergevq.errors import UserError
-from mergevq.objective import metric_keep, objective, with_metric_validated
 
 ROOT = CONF_DIR.parent
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -60,7 +60,7 @@ def preset_cases():
     return cases
 
 
-@pytest.mark.parametrize("kind", LOGGER_KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "wandb" else k for k in LOGGER_KINDS])
 def test_every_preset_and_sweep_builds_every_logger(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb.init checks every argument, writes nothing
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -86,15 +86,9 @@ def test_csv_logger_rejects_unknown_options(tmp_path):
 # ------------------------------------------------------------------ W&B run id across restarts
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
-    return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_wandb_run_id_persists_across_restarts(wandb_offline):
     run_dir = wandb_offline
     config = {"task": "train_tokenizer", "resume": "auto",
@@ -199,7 +193,7 @@ def test_another_entrys_preset_is_one_line_naming_its_entry(capsys):
         check_preset("train_tokenizer", ["experiment=demo_ar", "train.max_steps=1"])
     assert stop.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "generator (stage II) preset for mergevq.train_ar" in line and "python -m mergevq.train_ar" in line
+    assert "generator (stage II) preset for mergevq.entries.train_ar" in line and "python -m mergevq.entries.train_ar" in line
     assert "+experiment" not in line and "tokenizer_256_gr_d64" in line
     with pytest.raises(SystemExit):
         check_preset("train_ar", ["experiment=tokenizer_256_g_d64"])
@@ -229,7 +223,7 @@ def test_optuna_study_of_three_trials_on_the_tiny_config(tmp_path, monkeypatch, 
     """hparams_search=merge_ratio_optuna through the entry (in-process): three trials, each a training
     job, and the best value is the best trial's validation PSNR at the nominal K."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install hydra-optuna-sweeper")
-    from mergevq import train_tokenizer
+    from mergevq.entries import train_tokenizer
 
     sweep = tmp_path / "study"
     monkeypatch.setenv("MERGEVQ_SWEEP_DIR", str(sweep))

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.wandb import read_offline_wandb_runs
 
-from mergevq.engine.loggers import RUN_ID_FILE, read_offline_wandb_runs
+from mergevq.runs.loggers import RUN_ID_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -57,7 +58,7 @@ def test_stopped_killed_and_resumed_run_is_one_wandb_run(tmp_path):
     and steps 1..4 once each, read back with wandb's reader. Then killed (SIGKILL) inside step 5 and
     resumed again: the same id (offline, records wandb-core still buffered at a SIGKILL are lost)."""
     run_dir = tmp_path / "run"
-    cmd = [PY, "-m", "mergevq.train_tokenizer", *TINY, "logger=wandb", "train.ckpt_every=1"]
+    cmd = [PY, "-m", "mergevq.entries.train_tokenizer", *TINY, "logger=wandb", "train.ckpt_every=1"]
     extra = {"MERGEVQ_RUN_DIR": str(run_dir), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
              "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")}
 

@@ -198,7 +198,7 @@ def test_randar_rejects_a_merge_instruction_prefix():
 
 
 def test_source_recovery_overfits_one_batch_with_position_keys():
-    from conftest import tiny_tokenizer
+    from helpers.models import tiny_tokenizer
 
     from mergevq.models.recovery import fit_recovery
 
@@ -213,7 +213,7 @@ def test_source_recovery_overfits_one_batch_with_position_keys():
 
 
 def test_evaluator_reports_predicted_groups_beside_true_groups():
-    from conftest import tiny_tokenizer
+    from helpers.models import tiny_tokenizer
 
     from mergevq.eval.recon import ReconstructionEvaluator
 

@@ -2,7 +2,7 @@
 the codebook-collapse alarm, a rank dying under torchrun, unwritable run dirs, atomic checkpoints,
 bad inputs (another config, another version, codebook size, missing torch-npu) and safe loading.
 
-Faults come from the ``MERGEVQ_FAULT`` test hook (see ``mergevq.engine.runner.fault_armed``). Runs are
+Faults come from the ``MERGEVQ_FAULT`` test hook (see ``mergevq.runs.faults.fault_armed``). Runs are
 tiny stage-I runs through the entry, in-process or as real processes (helpers from
 test_train_tokenizer). Runs whose weights are compared bitwise with a run in another process use one
 intra-op thread on both sides.
@@ -18,32 +18,31 @@ import time
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
-from test_train_tokenizer import (
+from helpers.entries import describe, run_python, subprocess_env
+from helpers.runs import (
     BASE,
     assert_same_modules,
     assert_same_tensors,
     checkpoint_steps,
-    cli,
     compose_run,
-    describe,
     step_dir,
-    subprocess_env,
     torchrun,
     train,
     train_rows,
 )
+from omegaconf import OmegaConf
 from torch import nn
 
 import mergevq.engine.stage1 as stage1
 import mergevq.models.factory as factory
-from mergevq.config_check import ConfigError, check_tokenizer_run
-from mergevq.engine import checkpoint as ckpt
-from mergevq.engine.checkpoint import CheckpointMismatchError, latest_checkpoint, save_checkpoint
-from mergevq.engine.restore import load_trained_tokenizer
-from mergevq.engine.runner import StepGuard, fault_armed
-from mergevq.engine.session import FORMAT
+from mergevq.engine.runner import StepGuard
 from mergevq.engine.stage1 import collapse_check
+from mergevq.entries.config_check import ConfigError, check_tokenizer_run
+from mergevq.runs import checkpoint as ckpt
+from mergevq.runs.checkpoint import RUN_FORMAT as FORMAT
+from mergevq.runs.checkpoint import CheckpointMismatchError, latest_checkpoint, save_checkpoint
+from mergevq.runs.faults import fault_armed
+from mergevq.runs.restore import load_trained_tokenizer
 
 # 8 images = 2 steps per epoch; checkpoints and validation at steps 2 and 3 (the last).
 RUN = ("variant=r", "loss.perceptual_weight=0", "data.train_kwargs.num_samples=8", "train.max_steps=3",
@@ -70,7 +69,7 @@ def killed_runs(tmp_path_factory):
     def run(point):
         run_dir = root / point
         env = subprocess_env(MERGEVQ_RUN_DIR=str(run_dir), MERGEVQ_FAULT=KILLS[point])
-        return cli("-m", "mergevq.train_tokenizer", *BASE, *RUN, cwd=root, env=env), run_dir
+        return run_python("-m", "mergevq.entries.train_tokenizer", *BASE, *RUN, cwd=root, env=env), run_dir
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
         return dict(zip(KILLS, pool.map(run, KILLS)))
@@ -87,6 +86,7 @@ def reference(tmp_path_factory):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILLS))
 def test_kill_and_resume_is_bitwise_identical(killed_runs, reference, point):
     proc, run_dir = killed_runs[point]
@@ -214,11 +214,12 @@ def test_collapse_alarm_fires_with_high_thresholds(tmp_path, caplog):
 # --------------------------------------------------------------------------- 4. a rank dies (torchrun)
 
 
+@pytest.mark.slow
 def test_dead_rank_ends_the_job_and_the_run_resumes(tmp_path):
     run_dir, cwd = tmp_path / "run", tmp_path / "cwd"
     cwd.mkdir()
     overrides = ("train.ckpt_every=1", "backend.timeout_s=30")
-    proc = torchrun("-m", "mergevq.train_tokenizer", *overrides, cwd=cwd, run_dir=run_dir,
+    proc = torchrun("-m", "mergevq.entries.train_tokenizer", *overrides, cwd=cwd, run_dir=run_dir,
                     MERGEVQ_FAULT="step:2:rank1")
     ended = time.time()
     assert proc.returncode != 0, describe(proc)
@@ -226,7 +227,7 @@ def test_dead_rank_ends_the_job_and_the_run_resumes(tmp_path):
     # Rank 1 died about a second after the step-1 checkpoint: the job ended soon after, no hang.
     assert ended - step_dir(run_dir, 1).stat().st_mtime < 60, describe(proc)
 
-    proc = torchrun("-m", "mergevq.train_tokenizer", *overrides, cwd=cwd, run_dir=run_dir)
+    proc = torchrun("-m", "mergevq.entries.train_tokenizer", *overrides, cwd=cwd, run_dir=run_dir)
     assert proc.returncode == 0, describe(proc)
     assert checkpoint_steps(run_dir) == [1, 2]
     assert json.loads((step_dir(run_dir, 2) / "state.json").read_text())["world_size"] == 2

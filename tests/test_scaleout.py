@@ -1,5 +1,5 @@
 """The scale-out layer: backends x entries, launchers, the multi-node script, W&B sweep specs, stage-II
-presets, and a real tiny 2x2 CPU sweep evaluated and aggregated by ``mergevq.report``.
+presets, and a real tiny 2x2 CPU sweep evaluated and aggregated by ``mergevq.entries.report``.
 
 GPU/NPU execution tests run only where the hardware is (skipped with the reason otherwise). Process
 boundaries are real where they are the point: the sweep, its evaluation, the accelerate launch of the
@@ -27,9 +27,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from mergevq import report
-from mergevq.cli import CONF_DIR
 from mergevq.engine.runner import check_device
+from mergevq.entries import report
+from mergevq.entries.cli import CONF_DIR, entry_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -137,6 +137,7 @@ def test_accelerate_configs():
         assert compose_entry("train_tokenizer", [f"backend={backend}"]).backend.mixed_precision == cfg.mixed_precision
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["launch/multinode.sh", "launch/slurm_tokenizer.sbatch", "launch/npu_env.sh",
                                     "experiments/sweeps/agent.sbatch"])
 def test_shell_scripts_parse(script):
@@ -153,10 +154,11 @@ def dry_run(*args: str, **environment: str) -> tuple[list[str], str]:
 def expected_command(nnodes, rank, addr, port, total, entry, backend, *overrides, config="multinode.yaml"):
     return ["accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / config),
             "--num_machines", str(nnodes), "--machine_rank", str(rank), "--main_process_ip", addr,
-            "--main_process_port", str(port), "--num_processes", str(total), "-m", f"mergevq.{entry}",
+            "--main_process_port", str(port), "--num_processes", str(total), "-m", entry_module(entry),
             f"backend={backend}", *overrides]
 
 
+@pytest.mark.slow
 def test_multinode_dry_run_explicit_arguments():
     cmd, err = dry_run("--nnodes", "2", "--node-rank", "1", "--master-addr", "node0", "--master-port", "29555",
                        "--nproc-per-node", "8", "train_ar", "experiment=ar_b_mergear_gr", "codes=/c d")
@@ -168,6 +170,7 @@ def test_multinode_dry_run_explicit_arguments():
                                    config="npu.yaml"), err
 
 
+@pytest.mark.slow
 def test_multinode_dry_run_from_slurm_variables(tmp_path):
     slurm = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_GPUS_ON_NODE": "8",
              "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3", "SLURM_JOB_ID": "4242"}
@@ -189,6 +192,7 @@ def test_multinode_dry_run_from_slurm_variables(tmp_path):
     assert cmd == ["MERGEVQ_RUN_DIR=/shared/run", *expected_command(4, 0, "head", 29500, 32, "train_tokenizer", "multinode")], err
 
 
+@pytest.mark.slow
 def test_multinode_errors_and_help():
     for args, message in [
         (("--nnodes", "2", "--nproc-per-node", "8"), "no master address"),
@@ -262,9 +266,10 @@ def test_stage2_presets_official_hyperparameters(preset, size, generator, accum,
     assert OmegaConf.is_missing(compose_entry("train_ar", [f"experiment={preset}"]), "codes")
 
 
+@pytest.mark.slow
 def test_stage2_preset_cli_composes():
     """What the brief asks a user to check: the entry prints the composed job config."""
-    proc = run([PY, "-m", "mergevq.train_ar", "experiment=ar_b_mergear_g", "codes=/tmp/x", "--cfg", "job"], timeout=60)
+    proc = run([PY, "-m", "mergevq.entries.train_ar", "experiment=ar_b_mergear_g", "codes=/tmp/x", "--cfg", "job"], timeout=60)
     job = yaml.safe_load(proc.stdout)
     assert job["generator"]["kind"] == "mergear" and job["codes"] == "/tmp/x" and job["train"]["max_steps"] == 500400
 
@@ -292,7 +297,7 @@ def test_wandb_sweep_matches_hydra_sweep(name):
     spec = yaml.safe_load((ROOT / "experiments" / "sweeps" / f"{name}.yaml").read_text())
     assert spec["command"][-1] == "${args_no_hyphens}"
     assert spec["command"][:6] == ["accelerate", "launch", "--config_file", "launch/accelerate/multigpu.yaml", "-m",
-                                   "mergevq.train_tokenizer"]
+                                   "mergevq.entries.train_tokenizer"]
     assert (ROOT / spec["command"][3]).is_file() and spec["method"] == "grid" and spec["program"]
     swept = {k: v["values"] for k, v in spec["parameters"].items() if "values" in v}
     hydra = hydra_sweep_values(name)
@@ -366,23 +371,24 @@ GRID = {"train.keep_candidates": ["[36]", "[64]"], "tokenizer.z_channels": ["10"
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
-    """python -m mergevq.train_tokenizer -m over a 2x2 grid (keep-K list x LFQ bits), every job evaluated
-    (one multirun of mergevq.evaluate over the 4 run dirs, each at its own trained K), then the report."""
+    """python -m mergevq.entries.train_tokenizer -m over a 2x2 grid (keep-K list x LFQ bits), every job evaluated
+    (one multirun of mergevq.entries.evaluate over the 4 run dirs, each at its own trained K), then the report."""
     root = tmp_path_factory.mktemp("sweep")
     grid = [f"{k}={','.join(v)}" for k, v in GRID.items()]
-    run([PY, "-m", "mergevq.train_tokenizer", "-m", *grid, *TINY, "backend=cpu", "train.max_steps=2",
+    run([PY, "-m", "mergevq.entries.train_tokenizer", "-m", *grid, *TINY, "backend=cpu", "train.max_steps=2",
          "data.val_kwargs.num_samples=8"], MERGEVQ_SWEEP_DIR=str(root))
     jobs = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     assert len(jobs) == 4
-    run([PY, "-m", "mergevq.evaluate", "-m", f"ckpt={','.join(str(j) for j in jobs)}", "features=random",
+    run([PY, "-m", "mergevq.entries.evaluate", "-m", f"ckpt={','.join(str(j) for j in jobs)}", "features=random",
          "lpips.enabled=false", "num_images=8", "batch_size=8", "plot=false", f"cache_dir={root / 'features'}"],
         MERGEVQ_SWEEP_DIR=str(root / "eval"))
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # python -m mergevq.report ROOT, in-process
+    with contextlib.redirect_stdout(printed):  # python -m mergevq.entries.report ROOT, in-process
         assert report.main([str(root)]) == 0
     return root, jobs, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_tiny_sweep_report_matches_cards(tiny_sweep):
     root, jobs, stdout = tiny_sweep
     cards = {}
@@ -438,7 +444,7 @@ def test_submitit_local_launcher_runs_ddp_job(tmp_path):
     """hydra/launcher=local_submitit_ddp: the submitit launcher without SLURM, 2 tasks mapped to ranks."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
     sweep = tmp_path / "sweep"
-    run([PY, "-m", "mergevq.train_tokenizer", "-m", "hydra/launcher=local_submitit_ddp", *tiny_single_job()],
+    run([PY, "-m", "mergevq.entries.train_tokenizer", "-m", "hydra/launcher=local_submitit_ddp", *tiny_single_job()],
         MERGEVQ_SWEEP_DIR=str(sweep))
     job = sweep / "0"
     assert json.loads((job / "environment.json").read_text())["world_size"] == 2
@@ -451,10 +457,11 @@ def test_submitit_local_launcher_runs_ddp_job(tmp_path):
 
 def gpu_run(tmp_path: Path, *extra: str) -> Path:
     run_dir = tmp_path / "run"
-    run([PY, "-m", "mergevq.train_tokenizer", *tiny_single_job("gpu", *extra)], MERGEVQ_RUN_DIR=str(run_dir))
+    run([PY, "-m", "mergevq.entries.train_tokenizer", *tiny_single_job("gpu", *extra)], MERGEVQ_RUN_DIR=str(run_dir))
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible on this machine)")
 def test_gpu_backend_trains_one_step(tmp_path):
     run_dir = gpu_run(tmp_path)
@@ -463,17 +470,19 @@ def test_gpu_backend_trains_one_step(tmp_path):
     assert list((run_dir / "checkpoints").glob("step_00000001/tokenizer.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_multigpu_accelerate_launch_two_gpus(tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(PY).parent)) or "accelerate"
     run_dir = tmp_path / "run"
     run([accelerate, "launch", "--config_file", "launch/accelerate/multigpu.yaml", "--num_processes", "2",
-         "-m", "mergevq.train_tokenizer", *tiny_single_job("multigpu")], MERGEVQ_RUN_DIR=str(run_dir))
+         "-m", "mergevq.entries.train_tokenizer", *tiny_single_job("multigpu")], MERGEVQ_RUN_DIR=str(run_dir))
     assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCH_NPU, reason="needs torch-npu and an Ascend NPU (pip install '.[npu]' on an Ascend host)")
 def test_npu_backend_trains_one_step(tmp_path):
     run_dir = tmp_path / "run"
-    run([PY, "-m", "mergevq.train_tokenizer", *tiny_single_job("npu")], MERGEVQ_RUN_DIR=str(run_dir))
+    run([PY, "-m", "mergevq.entries.train_tokenizer", *tiny_single_job("npu")], MERGEVQ_RUN_DIR=str(run_dir))
     assert json.loads((run_dir / "environment.json").read_text())["npu_available"]

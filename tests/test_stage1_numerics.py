@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.runs import compose_run, step_dir, train
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from test_train_tokenizer import compose_run, step_dir, train
 from torch import nn
 
-from mergevq.config_check import ConfigError, check_tokenizer_run
 from mergevq.engine.ema import EMA, updates_per_step
+from mergevq.entries.config_check import ConfigError, check_tokenizer_run
 from mergevq.models.factory import build_tokenizer
 
 

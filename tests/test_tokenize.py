@@ -1,4 +1,4 @@
-"""Stage-II pre-tokenization: the code cache format and the ``mergevq.tokenize`` entry."""
+"""Stage-II pre-tokenization: the code cache format and the ``mergevq.entries.pretokenize`` entry."""
 
 import json
 import math
@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, write_tokenizer_run
+from helpers import ROOT
+from helpers.models import write_tokenizer_run
 from safetensors.torch import load_file
 
 from mergevq.data import build_dataset
 from mergevq.data.code_cache import CodeCache, CodeCacheWriter, is_canonical, merge_rank_indexes
-from mergevq.engine.restore import load_trained_tokenizer
-from mergevq.eval.card import sha256_file
-from mergevq.tokenize import check_out_dir
+from mergevq.entries.pretokenize import check_out_dir
+from mergevq.runs.card import sha256_file
+from mergevq.runs.restore import load_trained_tokenizer
 
 DATA = {
     "name": "photos", "root": None, "cache_dir": None, "size": 32, "align_size": 28,
@@ -105,7 +106,7 @@ def test_rank_indexes_merge(tmp_path):
 def test_missing_or_corrupt_index_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "index.json")) as error:
         CodeCache(tmp_path)
-    assert "python -m mergevq.tokenize" in str(error.value)
+    assert "python -m mergevq.entries.pretokenize" in str(error.value)
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match="index.json"):
         CodeCache(tmp_path)
@@ -116,10 +117,11 @@ def run_tokenize(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "mergevq.tokenize", *args], cwd=tmp_path, env=env,
+    return subprocess.run([sys.executable, "-m", "mergevq.entries.pretokenize", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_tokenize_entry(run_dir, tmp_path):
     out = tmp_path / "codes"
     args = (f"ckpt={run_dir}", f"out={out}", "num_images=12", "keep_range=[16,64]", "flip=true",

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_group
+from helpers import ROOT
+from helpers.models import load_group
 
+from mergevq.entries.summary import summarize
 from mergevq.losses import alignment_kl, tiny_random_teacher
 from mergevq.models.factory import build_tokenizer, layout
 from mergevq.models.positions import group_starts
-from mergevq.summary import summarize
 
 TINY = load_group("tokenizer", "tiny")
 QUANTIZER = {"bits": 18}
@@ -111,9 +112,10 @@ def test_full_configurations_match_official_parameter_counts(size, variant):
     assert result["encoder_gmacs"] > 0 and result["decoder_gmacs"] > 0
 
 
+@pytest.mark.slow
 def test_summary_cli_prints_json():
     out = subprocess.run(
-        [sys.executable, "-m", "mergevq.summary", "tokenizer=d64", "variant=gr", "format=json"],
+        [sys.executable, "-m", "mergevq.entries.summary", "tokenizer=d64", "variant=gr", "format=json"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])

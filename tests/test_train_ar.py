@@ -2,109 +2,38 @@
 benchmark and the CLI's one-line errors.
 
 One tiny tokenizer checkpoint (built, not trained, as in test_tokenize) and one code cache written by
-the real ``python -m mergevq.tokenize`` entry are shared by the module. Training runs go through
-Hydra's compose API and the entry's ``task`` in-process (tiny GPT, global batch 8, a few optimizer
-steps); real processes are used for the tokenize and sample entries and for the CLI error.
+the pretokenize entry's task are shared by the module. Training runs go through Hydra's compose API
+and the entry's ``task`` in-process (tiny GPT, global batch 8, a few optimizer steps); real processes
+(slow tests) for the sample entry with its gFID card and for the CLI error.
 """
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY_PHOTOS, write_tokenizer_run
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict, read_write
+from helpers.entries import run_python, run_task
+from helpers.models import TINY_PHOTOS, write_tokenizer_run
+from helpers.stage2 import NUM_CLASSES, checkpoint_steps, sample_config, step_dir, train, train_rows
 from PIL import Image
 from safetensors.torch import load_file
 
 from mergevq.benchmarks import ar_cache, ar_trained
-from mergevq.cli import CONF_DIR
 from mergevq.data.code_cache import CodeCache
-from mergevq.engine.restore import load_trained_generator
 from mergevq.engine.schedules import lr_lambda
+from mergevq.entries.pretokenize import task as pretokenize_task
+from mergevq.entries.sampling import sample_images
 from mergevq.models.gpt import GPT, gpt_args
 from mergevq.models.mergear import MergeARConfig, mergear_inputs
-from mergevq.sampling import sample_images
-from mergevq.train_ar import task as train_ar_task
+from mergevq.runs.restore import load_trained_generator
 
-NUM_CLASSES = 11  # photos labels are indices into PHOTO_NAMES (11 names)
 KEEP_CHOICES = [16, 25, 36, 49, 64]  # reachable perfect squares in [16, 64] from the 8 x 8 grid
 DATA = TINY_PHOTOS
-# Shared by every training run: 32 cached items, global batch 8 -> 4 optimizer steps per epoch.
-BASE = (
-    "backend=cpu",
-    "logger=csv",
-    f"num_classes={NUM_CLASSES}",
-    "train.max_steps=4",
-    "train.lr_schedule.warmup_steps=1",
-    "train.global_batch_size=8",
-    "train.progress=false",
-    "train.log_every=1",
-)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def run_module(module: str, cwd: Path, *args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess:
-    """``python -m module args`` in a fresh process (one thread, offline, feature cache under cwd)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MERGEVQ_CACHE=str(cwd / "mergevq_cache"),
-               MERGEVQ_RUN_DIR=str(run_dir or cwd / "hydra_run"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def train(run_dir: Path, codes: Path, *overrides: str) -> Path:
-    """One in-process stage-II run through the entry's task, set up as Hydra's run_job does."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train_ar", overrides=[*BASE, f"codes='{codes}'", *overrides, f"run_dir='{run_dir}'"],
-                      return_hydra_config=True)
-    task_cfg = copy.deepcopy(cfg)
-    with read_write(task_cfg), open_dict(task_cfg):
-        del task_cfg["hydra"]
-    HydraConfig.instance().set_config(cfg)
-    try:
-        train_ar_task(task_cfg)
-    finally:
-        HydraConfig.instance().cfg = None
-    return run_dir
-
-
-def sample_config(*overrides: str) -> dict:
-    """The resolved ``sample`` config as the entry's task sees it (run dir pinned, no Hydra run)."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("sample", overrides=[*overrides, "run_dir=unused"])
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def train_rows(run_dir: Path) -> dict[int, dict[str, float]]:
-    """metrics.csv as step -> values (a resumed run re-logs a step: the last row wins)."""
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {int(r["step"]): {k: float(v) for k, v in r.items() if k != "step" and v != ""} for r in rows}
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}"
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
 def optimizer_state(checkpoint: Path) -> dict:
@@ -133,22 +62,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thr
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stage2")
+    """The module's folder; it holds tok_run, a tokenizer run with distinct raw and EMA weights (no training)."""
+    folder = tmp_path_factory.mktemp("stage2")
+    write_tokenizer_run(folder / "tok_run", DATA)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def tokenizer_run(work) -> Path:
-    """A tokenizer run with distinct raw and EMA weights (no training)."""
-    return write_tokenizer_run(work / "tok_run", DATA)
+    return work / "tok_run"
 
 
 @pytest.fixture(scope="module")
 def codes(work, tokenizer_run) -> Path:
-    """A 32-item code cache with K drawn from [16, 64], through the real tokenize entry."""
+    """A 32-item code cache with K drawn from [16, 64], through the pretokenize entry's task."""
     out = work / "codes"
-    proc = run_module("mergevq.tokenize", work, f"ckpt={tokenizer_run}", f"out={out}", "keep_range=[16,64]",
-                      "num_images=32", "batch_size=16", run_dir=work / "tokenize_run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_task(pretokenize_task, "tokenize", [f"ckpt={tokenizer_run}", f"out={out}", "keep_range=[16,64]", "num_images=32",
+                                          "batch_size=16"])
     cache = CodeCache(out)
     assert len(cache) == 32 and cache.meta["grid"] == [8, 8] and cache.meta["keep"]["choices"] == KEEP_CHOICES
     return out
@@ -254,11 +184,13 @@ def test_lr_schedule_counts_optimizer_steps(work, codes):
 # ------------------------------------------------------------------------------------------ sampling
 
 
+@pytest.mark.slow
 def test_sample_entry_and_gfid_card(work, mergear_run, codes):
     out = work / "sample_run"
     args = (f"ckpt={mergear_run}", "per_class=2", "classes=[0,1]", "evaluate.enabled=true",
             "evaluate.features=random", "evaluate.num_reference=16")
-    proc = run_module("mergevq.sample", work, *args, run_dir=out)
+    proc = run_python("-m", "mergevq.entries.sample", *args, cwd=work, MERGEVQ_RUN_DIR=str(out),
+                      MERGEVQ_CACHE=str(work / "mergevq_cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     with Image.open(out / "samples.png") as grid:
@@ -343,7 +275,7 @@ def test_kv_cache_benchmark(tmp_path, capsys):
 
 
 def test_duplicate_rules_on_the_real_code_cache(codes):
-    """On the code grids ``mergevq.tokenize`` wrote: 'same_code_any' finds at most K groups per image
+    """On the code grids ``mergevq.entries.pretokenize`` wrote: 'same_code_any' finds at most K groups per image
     (a tokenizer group shares one code), 'adjacent' at least as many as 'same_code_any' (it only joins
     a left or upper neighbour), 'none' every position; the agreement is a fraction."""
     rows = ar_trained.rule_rows(str(codes), limit=32)
@@ -355,8 +287,9 @@ def test_duplicate_rules_on_the_real_code_cache(codes):
         assert 0 <= r["adjacent_agreement"] <= 1 and 0 <= r["same_code_any_agreement"] <= 1
 
 
+@pytest.mark.slow
 def test_copy_head_loss_goes_down_on_real_codes(codes):
-    """The copy decision learns from the code grids ``mergevq.tokenize`` wrote (8 images, 40 steps)."""
+    """The copy decision learns from the code grids ``mergevq.entries.pretokenize`` wrote (8 images, 40 steps)."""
     cache = CodeCache(codes)
     items = [cache[i] for i in range(8)]
     grid, groups = (torch.stack([item[k] for item in items]) for k in ("grid_codes", "groups"))
@@ -418,8 +351,10 @@ def test_trained_mergear_benchmark(mergear_run, tmp_path, capsys):
         assert rows[keep, "off"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_missing_code_cache_is_one_line_error(tmp_path):
-    proc = run_module("mergevq.train_ar", tmp_path, "codes=/nonexistent")
+    proc = run_python("-m", "mergevq.entries.train_ar", "codes=/nonexistent", cwd=tmp_path,
+                      MERGEVQ_RUN_DIR=str(tmp_path / "hydra_run"))
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "codes" in errors[0] and "/nonexistent" in errors[0], proc.stderr[-2000:]

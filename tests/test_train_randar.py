@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_PHOTOS, write_tokenizer_run
-from test_train_ar import checkpoint_steps, sample_config, train, train_rows
+from helpers.models import TINY_PHOTOS, write_tokenizer_run
+from helpers.stage2 import checkpoint_steps, sample_config, train, train_rows
 
 from mergevq.data.code_cache import CodeCacheWriter
-from mergevq.engine.restore import load_trained_generator
+from mergevq.entries.sampling import sample_images
 from mergevq.models.randar import RandAR
-from mergevq.sampling import sample_images
+from mergevq.runs.restore import load_trained_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RECOVERY = {"enabled": True, "width": 32, "depth": 1, "num_heads": 2}
@@ -70,7 +70,7 @@ def test_randar_sampling_through_recovery(randar_run, recovery):
 
 
 def test_randar_preset_parameter_count():
-    from mergevq.summary import generator_params
+    from mergevq.entries.summary import generator_params
 
     counts = {name: generator_params(f"ar_l_randar_{name}") for name in ("g", "gr")}
     # the 343.6M "B" GPT (spec 7.1) plus RandAR's one shared position-instruction vector (1024)

@@ -1,4 +1,4 @@
-"""Integration tests of the stage-I platform (``python -m mergevq.train_tokenizer``).
+"""Integration tests of the stage-I platform (``python -m mergevq.entries.train_tokenizer``).
 
 Tiny configs throughout (tokenizer=tiny at 32 px, photos, global batch 4, a few optimizer steps,
 VGG perceptual backbone random since no weights exist offline). Single-process runs go through
@@ -9,50 +9,37 @@ boundary is the point: one-line CLI errors, torchrun with two ranks, and a Hydra
 from __future__ import annotations
 
 import concurrent.futures
-import copy
-import csv
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict, read_write
+from helpers.entries import describe, run_python, subprocess_env
+from helpers.runs import (
+    BASE,
+    MODULES,
+    assert_same_modules,
+    assert_same_tensors,
+    checkpoint_steps,
+    compose_run,
+    read_csv,
+    step_dir,
+    train,
+    train_rows,
+)
+from helpers.wandb import read_offline_wandb
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from mergevq.cli import CONF_DIR
-from mergevq.config_check import ConfigError, check_tokenizer_run
-from mergevq.engine.loggers import read_offline_wandb
 from mergevq.engine.stage1 import build_data
+from mergevq.entries.config_check import ConfigError, check_tokenizer_run
 from mergevq.models.blocks import Recomputable
 from mergevq.models.factory import build_tokenizer, layout
-from mergevq.train_tokenizer import task
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("tokenizer", "tokenizer_ema", "discriminator", "lecam")
-
-# Shared by every run: tiny model and data, cheap validation (one batch, K pinned per test).
-BASE = (
-    "tokenizer=tiny",
-    "data=photos",
-    "backend=cpu",
-    "logger=csv",
-    "train.global_batch_size=4",
-    "train.progress=false",
-    "train.log_every=1",
-    "train.val_batches=1",
-    "loss.perceptual.pretrained=false",
-    "data.train_kwargs.num_samples=16",
-    "data.val_kwargs.num_samples=4",
-)
 # The scaled-down Open-MAGVIT2 baseline (kind magvit2: no variant, no keep).
 MAGVIT2 = (
     "tokenizer=open_magvit2",
@@ -65,85 +52,6 @@ MAGVIT2 = (
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def compose_run(run_dir: Path, *overrides: str, hydra_node: bool = False):
-    """The composed train_tokenizer config with the run directory pinned (no Hydra run here)."""
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(
-            "train_tokenizer", overrides=[*BASE, *overrides, f"run_dir='{run_dir}'"], return_hydra_config=hydra_node
-        )
-
-
-def train(run_dir: Path, *overrides: str) -> Path:
-    """One in-process run through the entry's task (config check, RunSession, Stage1Trainer), set up
-    as Hydra's run_job does: HydraConfig holds the full config, the task gets it without ``hydra``."""
-    cfg = compose_run(run_dir, *overrides, hydra_node=True)
-    task_cfg = copy.deepcopy(cfg)
-    with read_write(task_cfg), open_dict(task_cfg):
-        del task_cfg["hydra"]
-    HydraConfig.instance().set_config(cfg)
-    try:
-        task(task_cfg)
-    finally:
-        HydraConfig.instance().cfg = None
-    return run_dir
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def train_rows(run_dir: Path) -> list[dict[str, float]]:
-    """metrics.csv rows of training logs (validation rows share the file), values as floats."""
-    rows = [r for r in read_csv(run_dir / "metrics.csv") if r.get("train/total")]
-    return [{k: float(v) for k, v in r.items() if v != ""} for r in rows]
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    folder = run_dir / "checkpoints"
-    return sorted(int(p.name.split("_")[1]) for p in folder.glob("step_*")) if folder.is_dir() else []
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}"
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: different keys"
-    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
-    assert not different, f"{what}: {len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def assert_same_modules(ckpt_a: Path, ckpt_b: Path, names=MODULES) -> None:
-    for name in names:
-        assert_same_tensors(
-            load_file(str(ckpt_a / f"{name}.safetensors")), load_file(str(ckpt_b / f"{name}.safetensors")),
-            f"{name} of {ckpt_a} vs {ckpt_b}",
-        )
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-    )
-    for key in ("MERGEVQ_RUN_DIR", "MERGEVQ_SWEEP_DIR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
 
 
 # ------------------------------------------------------------------------------ 1. tiny variant runs
@@ -174,7 +82,7 @@ VARIANT_RUNS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANT_RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "g_teacher" else n for n in VARIANT_RUNS])
 def test_tiny_run(tmp_path, name):
     spec = VARIANT_RUNS[name]
     run_dir = train(tmp_path / "run", *spec["overrides"])
@@ -249,6 +157,7 @@ def test_teacher_run_uses_three_views(tmp_path):
 # ------------------------------------------------------------------------------------------ 2. overfit
 
 
+@pytest.mark.slow
 def test_overfits_four_images(tmp_path):
     """G+R tiny, K pinned at 64, four fixed images, no GAN / perceptual terms, lr 1e-3."""
     steps = 30
@@ -268,6 +177,7 @@ def test_overfits_four_images(tmp_path):
 # ------------------------------------------------------------------------------- 3. resume equivalence
 
 
+@pytest.mark.slow
 def test_memory_and_layout_switches_keep_the_losses(tmp_path, monkeypatch):
     """train.activation_checkpointing and backend.channels_last change how the step runs, not what it
     computes: the same logged losses as the plain run (to float rounding)."""
@@ -294,6 +204,7 @@ def test_memory_and_layout_switches_keep_the_losses(tmp_path, monkeypatch):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(tmp_path):
     """6 steps straight vs. killed after step 4 (last checkpoint: 3) and resumed: identical weights.
     8 training images = 2 steps per epoch, so the resume lands mid-epoch and crosses epochs."""
@@ -326,122 +237,6 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert resumed_rows[-1]["train/total"] == train_rows(straight)[-1]["train/total"]
 
 
-# --------------------------------------------------------------------------------- 4. two processes
-
-# Runs the real entry under torchrun; after training, each rank writes the modules it holds in
-# memory, so the test can compare rank 0, rank 1 and the checkpoint that rank 0 wrote.
-RANK_DUMP = textwrap.dedent(
-    """
-    import os, sys
-    from pathlib import Path
-    from safetensors.torch import save_file
-    import mergevq.engine.stage1 as stage1
-    from mergevq.train_tokenizer import main
-
-    def dump_after_fit(cfg, session):
-        trainer = stage1.Stage1Trainer(cfg, session)
-        result = trainer.fit()
-        out = Path(os.environ["RANK_DUMP_DIR"]) / f"rank{trainer.acc.process_index}"
-        out.mkdir(parents=True)
-        for name, module in trainer.checkpoint_modules().items():
-            state = module if isinstance(module, dict) else module.state_dict()
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
-                      str(out / f"{name}.safetensors"))
-        return result
-
-    stage1.train_tokenizer = dump_after_fit
-    main()
-    """
-)
-
-DDP = (
-    "variant=r", "loss.perceptual_weight=0", "data.train_kwargs.num_samples=8", "train.max_steps=2",
-    "train.ckpt_every=1", "train.val_keeps=[36]",
-)
-
-
-def torchrun(*args: str, cwd: Path, run_dir: Path, **env: str) -> subprocess.CompletedProcess:
-    environ = subprocess_env(ACCELERATE_USE_CPU="1", MERGEVQ_RUN_DIR=str(run_dir), **env)
-    launch = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    return cli(*launch, *args, *BASE, *DDP, cwd=cwd, env=environ, timeout=400)
-
-
-def test_two_processes_agree_and_resume(tmp_path):
-    first, second, dumps = tmp_path / "run_first", tmp_path / "run_resumed", tmp_path / "dumps"
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    proc = torchrun("-m", "mergevq.train_tokenizer", cwd=cwd, run_dir=first)
-    assert proc.returncode == 0, describe(proc)
-
-    # World size 2, recorded in the run's environment and in each checkpoint, with both ranks' RNG.
-    assert json.loads((first / "environment.json").read_text())["world_size"] == 2
-    assert checkpoint_steps(first) == [1, 2]
-    for step in (1, 2):
-        ckpt = step_dir(first, step)
-        assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
-        assert (ckpt / "rng_rank0.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
-    # One run directory, one .hydra (rank 0's); rank 1 wrote nothing into its working directory;
-    # one writer of the metrics (one row per step).
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "run_first"]
-    assert list(cwd.iterdir()) == []
-    assert [p.relative_to(tmp_path) for p in tmp_path.rglob(".hydra")] == [Path("run_first/.hydra")]
-    assert [int(r["step"]) for r in train_rows(first)] == [1, 2]
-
-    # Resume the 2-process run from its step-1 checkpoint in a second 2-process launch: it reaches
-    # rank 0's step-2 weights of the uninterrupted run exactly, and both ranks hold those weights.
-    resume = f"resume='{step_dir(first, 1)}'"
-    proc = torchrun(str(write_script(tmp_path / "cwd2", RANK_DUMP)), resume, cwd=tmp_path / "cwd2",
-                    run_dir=second, RANK_DUMP_DIR=str(dumps))
-    assert proc.returncode == 0, describe(proc)
-    assert checkpoint_steps(second) == [2]
-    assert_same_modules(step_dir(first, 2), step_dir(second, 2))
-    assert_same_modules(step_dir(second, 2), dumps / "rank0")
-    assert_same_modules(dumps / "rank0", dumps / "rank1", ("tokenizer", "tokenizer_ema", "lecam"))
-    # The discriminator's parameters agree too; only its BatchNorm running statistics are per rank
-    # (no SyncBatchNorm: DDP broadcasts rank 0's buffers before each forward, and rank 0 saves).
-    d0, d1 = (load_file(str(dumps / f"rank{r}" / "discriminator.safetensors")) for r in (0, 1))
-    per_rank = {k for k in d0 if k.endswith(("running_mean", "running_var"))}
-    assert per_rank
-    assert_same_tensors({k: v for k, v in d0.items() if k not in per_rank},
-                        {k: v for k, v in d1.items() if k not in per_rank}, "discriminator without BN statistics")
-    assert [int(r["step"]) for r in train_rows(second)] == [2]
-
-
-def write_script(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run_with_dump.py"
-    path.write_text(text)
-    return path
-
-
-# ------------------------------------------------------------------------------------ 5. multirun
-
-
-def test_multirun_sweep_over_keep(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = cli(
-        "-m", "mergevq.train_tokenizer", "-m", "train.keep_candidates=[36],[64]", *BASE,
-        "variant=gr", "loss.perceptual_weight=0", "train.max_steps=2",
-        cwd=tmp_path, env=subprocess_env(MERGEVQ_SWEEP_DIR=str(sweep)),
-    )
-    assert proc.returncode == 0, describe(proc)
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
-    seen = []
-    for job in jobs:
-        config = yaml.safe_load((job / "config.yaml").read_text())
-        keeps = config["train"]["keep_candidates"]
-        seen.append(keeps)
-        assert config["run_dir"] == str(job)
-        assert f"train.keep_candidates={keeps}".replace(" ", "") in (job / ".hydra" / "overrides.yaml").read_text().replace(" ", "")
-        assert checkpoint_steps(job) == [2]
-        assert (step_dir(job, 2) / "tokenizer.safetensors").is_file()
-        assert [int(r["keep"]) for r in read_csv(job / "val_per_k.csv")] == keeps
-        assert {int(r["train/keep"]) for r in train_rows(job)} == set(keeps)
-    assert sorted(seen) == [[36], [64]]
-    assert (sweep / "multirun.yaml").is_file()
-
-
 # ------------------------------------------------------------------------------- 6. config errors
 
 # name -> (overrides, words the one error line must contain)
@@ -468,7 +263,7 @@ def config_error_runs(tmp_path_factory):
         run_dir = root / name
         env = subprocess_env(MERGEVQ_RUN_DIR=str(run_dir), TORCH_HOME=str(torch_home))
         base = [o for o in BASE if not o.startswith("data.")]  # data=folder has no photos kwargs
-        proc = cli("-m", "mergevq.train_tokenizer", *base, "train.max_steps=1", *overrides, cwd=root, env=env)
+        proc = run_python("-m", "mergevq.entries.train_tokenizer", *base, "train.max_steps=1", *overrides, cwd=root, env=env)
         return proc, run_dir
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -476,6 +271,7 @@ def config_error_runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIG_ERRORS))
 def test_config_error_is_one_line(config_error_runs, name):
     proc, run_dir = config_error_runs[name]
@@ -494,6 +290,7 @@ def test_config_error_is_one_line(config_error_runs, name):
 # ---------------------------------------------------------------------------------- 7. W&B offline
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_reads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -7,7 +7,7 @@
 For each K (merge instruction) and budget mode it samples ``--samples`` class-balanced images and
 reports the groups realised (mean, max), the peak KV-cache entries per sample (mean, max) and
 tokens/s; with ``--raster`` the raster baseline's row at the same settings. With ``--codes`` (a code
-cache from ``mergevq.tokenize``) it reports per K the groups each inference rule finds in the
+cache from ``mergevq.entries.pretokenize``) it reports per K the groups each inference rule finds in the
 ground-truth code grids and how often the rule's first occurrences (hence its mask) agree with the
 tokenizer's groups. Prints tables and writes JSON (default outputs/bench/ar_trained.json).
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from ..data.code_cache import CodeCache
-from ..engine.restore import load_trained_generator
 from ..models.generate import generate
 from ..models.mergear import DUPLICATE_RULES, keep_index, representative, rule_groups
+from ..runs.restore import load_trained_generator
 from .ar_cache import _machine
 
 

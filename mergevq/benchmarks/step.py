@@ -41,7 +41,8 @@ def build_step(size: str, variant: str, path: str, device: str = "cpu", batch: i
                perceptual: bool = False, amp: bool = False, seed: int = 0):
     """-> (step() returning the loss logs, info dict). One generator step per call."""
     from ..engine.runner import host_scalars
-    from ..engine.stage1 import Stage1Criterion, Stage1Model
+    from ..engine.stage1 import Stage1Model
+    from ..losses.criterion import Stage1Criterion
     from ..models.blocks import set_activation_checkpointing
     from ..models.factory import build_tokenizer, layout
 

@@ -2,7 +2,7 @@
 
 Shapes: N images in a shard, L = h * w raster positions, K kept tokens (may differ per image).
 
-Layout of a cache directory (written by ``python -m mergevq.tokenize ckpt=... out=DIR``)::
+Layout of a cache directory (written by ``python -m mergevq.entries.pretokenize ckpt=... out=DIR``)::
 
     shard_00000.safetensors   grid_codes [N, L] int32  code of the group owning each position
                               groups     [N, L] int16 (int32 when L > 32767) canonical group labels
@@ -13,7 +13,7 @@ Layout of a cache directory (written by ``python -m mergevq.tokenize ckpt=... ou
                               index      [N] int64      index of the source image in the dataset
     index.json                see ``CodeCacheWriter``; written last, so a cache without it is incomplete
 
-Every file is written to ``<name>.tmp`` and renamed (atomic on POSIX). One process writes
+Every file is written to ``<name>.tmp-<pid>`` and renamed (``mergevq.runs.atomic``). One process writes
 ``shard_NNNNN`` + ``index.json``; with several processes rank r writes ``shard_rR_NNNNN`` +
 ``index_rR.json`` and, after a barrier, rank 0 calls ``merge_rank_indexes`` to write ``index.json``.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,28 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from ..runs.atomic import atomic_write, atomic_write_text
+
 FORMAT_VERSION = 1
 KIND = "mergevq-code-cache"
 INDEX_FILE = "index.json"
 FIELDS = ("grid_codes", "groups", "keep", "label", "flip", "index")
-CREATE_HINT = "create it with `python -m mergevq.tokenize ckpt=<tokenizer run or checkpoint dir> out=<dir>`"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+CREATE_HINT = "create it with `python -m mergevq.entries.pretokenize ckpt=<tokenizer run or checkpoint dir> out=<dir>`"
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def is_canonical(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -81,7 +69,7 @@ def rank_index_file(rank: int) -> str:
 class CodeCacheWriter:
     """Accumulates encoded images and writes them as shards of ``shard_size`` items.
 
-    meta: JSON-able description copied into the index (``mergevq.tokenize`` passes grid,
+    meta: JSON-able description copied into the index (``mergevq.entries.pretokenize`` passes grid,
         codebook_bits, tokenizer {checkpoint, weights, weights_sha256, ...}, data, keep, flip).
         When it holds ``grid`` (h, w), every image must have h * w positions.
     rank: None for a single writer (``shard_NNNNN``, ``index.json``); r for one of several
@@ -192,7 +180,7 @@ class CodeCacheWriter:
         self._closed = True
         name = INDEX_FILE if self.rank is None else rank_index_file(self.rank)
         path = self.out_dir / name
-        _atomic_write_text(path, json.dumps(self.index(), indent=2, default=str))
+        atomic_write_text(path, json.dumps(self.index(), indent=2, default=str))
         return path
 
     def __enter__(self) -> CodeCacheWriter:
@@ -230,7 +218,7 @@ def merge_rank_indexes(out_dir: str | Path, ranks: Sequence[int], remove: bool =
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = out_dir / INDEX_FILE
-    _atomic_write_text(path, json.dumps(merged, indent=2, default=str))
+    atomic_write_text(path, json.dumps(merged, indent=2, default=str))
     if remove:
         for rank in ranks:
             (out_dir / rank_index_file(rank)).unlink(missing_ok=True)
@@ -323,7 +311,7 @@ class CodeCache(Dataset):
 
 class KeepPerSample(Dataset):
     """One item per (source image, flip) of a cache that holds several K per image
-    (``mergevq.tokenize keeps_per_image=n``): each access returns one of that image's items, picked
+    (``mergevq.entries.pretokenize keeps_per_image=n``): each access returns one of that image's items, picked
     with torch's global RNG, which ``SeededItems`` seeds by (seed, epoch, index), so K is drawn
     afresh per sample and epoch and a resumed run draws the same."""
 
@@ -350,3 +338,15 @@ class KeepPerSample(Dataset):
 def training_items(cache: CodeCache) -> Dataset:
     """What stage II iterates: ``KeepPerSample`` when the cache holds several K per image, else the cache."""
     return KeepPerSample(cache) if int(cache.meta.get("keeps_per_image", 1)) > 1 else cache
+
+
+def cache_contents(cache: CodeCache) -> dict[str, list[int]]:
+    """The keep counts and class labels present in a code cache (read from the shards' small tensors)."""
+    from safetensors import safe_open
+
+    keeps, labels = set(), set()
+    for shard in cache.meta["shards"]:
+        with safe_open(str(cache.directory / shard["file"]), framework="pt") as handle:
+            keeps.update(handle.get_tensor("keep").tolist())
+            labels.update(handle.get_tensor("label").tolist())
+    return {"keeps": sorted(int(k) for k in keeps), "classes": sorted(int(c) for c in labels)}

@@ -1,15 +1,14 @@
 """What every training job shares: the Accelerator from the ``backend`` config, seeding, the data
-loader with resumable, seeded sampling, the keep-K draw, the non-finite step guard and the
-fault-injection test hook.
+loader with resumable, seeded sampling, the non-finite step guard (the keep-K draw is
+``mergevq.models.keep.KeepPolicy.draw``; the
+fault-injection test hook lives in ``mergevq.runs.faults``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..models.keep import mix_seed  # noqa: F401  (also mergevq.engine.runner.mix_seed, named in code caches)
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +112,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and runs."""
-    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class SeededItems(Dataset):
     """Each item's random augmentation is seeded by (seed, epoch, index), independent of the worker,
     the process and of what ran before, so an interrupted run resumes bit for bit."""
@@ -188,23 +183,6 @@ def batches_per_epoch(size: int, micro_batch: int, world: int) -> int:
     return (size // world) // micro_batch
 
 
-class KeepSampler:
-    """Keep count K per optimizer step from a candidate distribution; a pure function of (seed, step),
-    so every rank draws the same K without communication and resume needs no state."""
-
-    def __init__(self, keeps: Sequence[int], probs: Sequence[float] | None, seed: int):
-        if probs is None:
-            probs = [1.0 / len(keeps)] * len(keeps)
-        if len(probs) != len(keeps) or abs(sum(probs) - 1.0) > 1e-6:
-            raise ValueError(f"keep probabilities {list(probs)} must match {list(keeps)} and sum to 1")
-        self.keeps, self.probs, self.seed = list(keeps), np.asarray(probs, dtype=float), seed
-
-    def __call__(self, step: int) -> int | None:
-        rng = np.random.default_rng(mix_seed(self.seed, step, 7))
-        keep = self.keeps[rng.choice(len(self.keeps), p=self.probs)]
-        return None if keep is None else int(keep)  # None: no merging (tokenizer kind magvit2)
-
-
 def world_info() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment, before any process group exists."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -273,40 +251,3 @@ class StepGuard:
         log.warning("skipped a step with a non-finite loss or gradient (%s); %d skipped so far, %d in a row",
                     values, self.skipped, self.in_a_row)
         return False
-
-
-# ------------------------------------------------------------------- test hook: fault injection
-
-FAULT_ENV = "MERGEVQ_FAULT"
-FAULT_POINTS = ("step", "checkpoint_write", "validation", "nan_loss")
-
-
-def fault_armed(point: str, step: int, rank: int = 0) -> bool:
-    """Test hook: whether ``MERGEVQ_FAULT`` arms ``point`` at ``step`` on ``rank`` (False when unset).
-
-    MERGEVQ_FAULT holds ';'-separated entries ``point:steps[:rank<r>]``, steps ','-separated, e.g.
-    ``checkpoint_write:3``, ``nan_loss:2,3`` or ``step:2:rank1`` (no rank: every rank). Points:
-    ``step`` (inside a training step, after backward, before the optimizer step), ``nan_loss`` (the
-    loss becomes NaN), numbered by the 1-based batch count (= the optimizer step until a step is
-    skipped); ``checkpoint_write`` (rank 0, the tmp checkpoint dir half written, before the rename)
-    and ``validation`` (inside validation), numbered by the optimizer step they belong to.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return False
-    for entry in filter(None, (e.strip() for e in spec.split(";"))):
-        name, _, rest = entry.partition(":")
-        steps, _, where = rest.partition(":")
-        if name not in FAULT_POINTS:
-            raise ValueError(f"{FAULT_ENV}={spec}: unknown fault point {name!r}; use {', '.join(FAULT_POINTS)}")
-        if name == point and str(step) in steps.split(",") and where in ("", f"rank{rank}"):
-            return True
-    return False
-
-
-def fault_point(point: str, step: int, rank: int = 0) -> None:
-    """Test hook: SIGKILL this process here when ``MERGEVQ_FAULT`` arms ``point`` (a kill -9 in the
-    middle of training); a no-op otherwise."""
-    if fault_armed(point, step, rank):
-        log.warning("%s: killing process %d at %s, step %d", FAULT_ENV, os.getpid(), point, step)
-        os.kill(os.getpid(), signal.SIGKILL)

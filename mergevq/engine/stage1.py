@@ -8,7 +8,6 @@ a seed shared by every rank; validation pins K explicitly; the schedule counts o
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,36 +18,20 @@ from torch import nn
 from torchvision.utils import save_image
 
 from ..data import build_dataset
-from ..losses import (
-    LeCam,
-    LPIPSLoss,
-    alignment_kl,
-    frozen,
-    hinge_d_loss,
-    load_dino_teacher,
-    non_saturating_g_loss,
-    reconstruction_loss,
-    tiny_random_teacher,
-)
+from ..eval.recon import psnr_per_image
+from ..losses.criterion import Stage1Criterion, build_teacher
 from ..models.blocks import set_activation_checkpointing
 from ..models.discriminator import PatchGANDiscriminator
-from ..models.factory import build_tokenizer, layout
+from ..models.factory import build_tokenizer
 from ..models.tokens import square_grid
+from ..runs.atomic import atomic_write_csv
+from ..runs.faults import fault_armed, fault_point
+from ..runs.html_report import write_run_report
+from ..runs.session import RunSession
 from ..viz import merge_map
 from .ema import EMA, updates_per_step
-from .html_report import write_run_report
-from .runner import (
-    KeepSampler,
-    SeededItems,
-    build_accelerator,
-    compile_in_place,
-    fault_armed,
-    fault_point,
-    host_scalars,
-    seed_everything,
-)
+from .runner import SeededItems, build_accelerator, compile_in_place, host_scalars, seed_everything
 from .schedules import build_scheduler
-from .session import RunSession
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -68,86 +51,12 @@ class Stage1Model(nn.Module):
         return xrec, aux
 
 
-def psnr_per_image(x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of each image ([-1, 1] inputs, peak 1 after mapping to [0, 1]). [B,3,H,W] -> [B]."""
-    mse = ((x.float() - xrec.float().clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-class Stage1Criterion(nn.Module):
-    """Generator and discriminator objectives (spec 6.2, 6.3) from the ``loss`` config."""
-
-    def __init__(self, loss: Mapping[str, Any], has_teacher: bool, has_recovery: bool):
-        super().__init__()
-        self.cfg = dict(loss)
-        self.lpips = None
-        if self.cfg["perceptual_weight"] > 0:
-            perceptual = self.cfg.get("perceptual", {})
-            self.lpips = LPIPSLoss(perceptual.get("pretrained", True), perceptual.get("backbone_weights"))
-        self.lecam = LeCam(self.cfg.get("lecam_decay", 0.999))
-        self.has_teacher, self.has_recovery = has_teacher, has_recovery
-
-    def generator(self, x, xrec, aux, discriminator: nn.Module | None, teacher_logits=None):
-        """-> (weighted total, {name: detached value})."""
-        c = self.cfg
-        terms = {"rec": reconstruction_loss(x, xrec, c["reconstruction"])}
-        total = c["reconstruction_weight"] * terms["rec"]
-        if self.lpips is not None:
-            terms["lpips"] = self.lpips(x, xrec).mean()
-            total = total + c["perceptual_weight"] * terms["lpips"]
-        quantizer = aux["losses"]
-        total = total + quantizer["loss"]
-        terms.update({k: quantizer[k] for k in ("commit", "entropy", "sample_entropy", "batch_entropy")})
-        if discriminator is not None:
-            with frozen(discriminator):
-                terms["g_adv"] = non_saturating_g_loss(discriminator(xrec))
-            total = total + c["adversarial_weight"] * terms["g_adv"]
-        if teacher_logits is not None:
-            terms["align"] = alignment_kl(aux["align_logits"], teacher_logits, c.get("align_tau", 4.0))
-            total = total + c["align_weight"] * terms["align"]
-        if self.has_recovery:
-            terms["recovery"] = quantizer["recovery"]
-            terms["recovery_acc"] = quantizer["recovery_accuracy"]
-            total = total + c["recovery_weight"] * terms["recovery"]
-        terms["total"] = total
-        return total, {k: v.detach() for k, v in terms.items()}  # tensors: no host sync mid-step
-
-    def discriminator(self, discriminator: nn.Module, x, xrec, reduce=None):
-        """Hinge + LeCam on detached reconstructions. reduce averages the logit means over ranks so the
-        LeCam EMAs stay identical on every process."""
-        real, fake = discriminator(x), discriminator(xrec.detach())
-        hinge = hinge_d_loss(real, fake)
-        means = torch.stack([real.detach().mean(), fake.detach().mean()])
-        if reduce is not None:
-            means = reduce(means)
-        self.lecam.update(means[0], means[1])
-        lecam = self.lecam.penalty(real, fake)
-        total = hinge + self.cfg["lecam_weight"] * lecam
-        return total, {"d_hinge": hinge.detach(), "d_lecam": lecam.detach(), "d_real": means[0], "d_fake": means[1]}
-
-
 def collapse_check(codes: torch.Tensor, batch_entropy: float, alarm: Mapping[str, Any]) -> dict[str, float]:
     """Code usage (distinct codes / codes in the step's batch) and the quantizer's batch entropy
     (nats) against ``train.collapse_alarm``'s thresholds -> {code_usage, collapse_alarm (1: fired)}."""
     usage = codes.unique().numel() / max(codes.numel(), 1)
     fired = usage < alarm["min_usage"] or batch_entropy < alarm["min_batch_entropy"]
     return {"code_usage": usage, "collapse_alarm": float(fired)}
-
-
-def build_teacher(teacher: Mapping[str, Any], align_dim: int, align_size: int):
-    kind = teacher.get("kind", "none")
-    if kind == "none":
-        return None
-    if kind == "tiny_random":
-        log.warning("alignment teacher is a tiny RANDOM DINOv2 (tests only): alignment metrics are not meaningful")
-        return tiny_random_teacher(hidden_size=align_dim, num_hidden_layers=1, num_attention_heads=2, image_size=align_size)
-    if kind == "dinov2":
-        model = load_dino_teacher(teacher["path"])
-        width = model.model.config.hidden_size
-        if width != align_dim:
-            raise ValueError(f"teacher width {width} != tokenizer.align_dim {align_dim}: set tokenizer.align_dim={width}")
-        return model
-    raise ValueError(f"teacher.kind={kind!r}: use none, dinov2 or tiny_random")
 
 
 def _views(cfg: Mapping[str, Any]) -> tuple[str, ...]:
@@ -174,12 +83,9 @@ class Stage1Trainer(Trainer):
         seed_everything(cfg["seed"])
         tokenizer = build_tokenizer(cfg["tokenizer"], cfg.get("variant"), cfg["quantizer"], cfg.get("recovery"))
         self.is_mergevq = cfg["tokenizer"].get("kind", "mergevq") == "mergevq"
-        spec = layout(cfg["tokenizer"], cfg["variant"]) if self.is_mergevq else None
-        self.num_positions = spec["num_positions"] if spec else None
-        keeps = train.get("keep_candidates") or (spec["keep_candidates"] if spec else [None])
-        probs = train.get("keep_probs") or (spec["keep_probs"] if spec and not train.get("keep_candidates") else None)
-        self.keep_sampler = KeepSampler(keeps, probs, cfg["seed"])
-        self.val_keeps = list(train.get("val_keeps") or keeps)
+        self.keep_policy = tokenizer.keep_policy.for_training(train.get("keep_candidates"), train.get("keep_probs"))
+        self.num_positions = self.keep_policy.num_positions
+        self.val_keeps = list(train.get("val_keeps") or self.keep_policy.candidates)
 
         teacher_kind = cfg["teacher"]["kind"]
         has_align_head = self.is_mergevq and tokenizer.encoder.align_head is not None
@@ -242,7 +148,7 @@ class Stage1Trainer(Trainer):
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
         """One optimizer step -> its logs, or None when it was skipped (non-finite loss or gradient)."""
         acc, train = self.acc, self.cfg["train"]
-        keep = self.keep_sampler(self.step)
+        keep = self.keep_policy.draw(self.cfg["seed"], self.step)
         gan_on = self.use_gan and self.step >= self.cfg["loss"]["disc_start"]
         d_raw = acc.unwrap_model(self.disc)
         batch_number, rank = self.batches_done + 1, acc.process_index
@@ -370,12 +276,7 @@ class Stage1Trainer(Trainer):
 
 def write_table(path: Path, rows: list[dict[str, float]]) -> None:
     """Per-K rows as CSV (atomic replace)."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    atomic_write_csv(path, list(rows[0]), rows)
 
 
 def train_tokenizer(cfg: Mapping[str, Any], session: RunSession) -> dict[str, float]:

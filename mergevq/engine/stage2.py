@@ -1,5 +1,5 @@
 """Stage II: train a class-conditional AR generator (raster LlamaGen-style or MergeAR) on a code cache
-written by ``python -m mergevq.tokenize``, through the same Accelerate session as stage I.
+written by ``python -m mergevq.entries.pretokenize``, through the same Accelerate session as stage I.
 
 The learning-rate schedule counts optimizer steps (the official schedule mixes optimizer steps with
 micro-batches, spec 7.2); weight decay applies to weights with >= 2 dims only.
@@ -15,37 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.code_cache import CodeCache, training_items
+from ..data.code_cache import CodeCache, cache_contents, training_items
 from ..models.blocks import set_activation_checkpointing
-from ..models.gpt import GPT, gpt_args
-from ..models.mergear import MergeARConfig, mergear_inputs
+from ..models.factory import build_generator
+from ..models.gpt import GPT
+from ..models.mergear import mergear_inputs
+from ..runs.faults import fault_armed, fault_point
+from ..runs.session import RunSession
 from .ema import EMA
-from .runner import (
-    SeededItems,
-    build_accelerator,
-    compile_in_place,
-    fault_armed,
-    fault_point,
-    host_scalars,
-    seed_everything,
-)
+from .runner import SeededItems, build_accelerator, compile_in_place, host_scalars, seed_everything
 from .schedules import build_scheduler
-from .session import RunSession
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def cache_contents(cache: CodeCache) -> dict[str, list[int]]:
-    """The keep counts and class labels present in a code cache (read from the shards' small tensors)."""
-    from safetensors import safe_open
-
-    keeps, labels = set(), set()
-    for shard in cache.meta["shards"]:
-        with safe_open(str(cache.directory / shard["file"]), framework="pt") as handle:
-            keeps.update(handle.get_tensor("keep").tolist())
-            labels.update(handle.get_tensor("label").tolist())
-    return {"keeps": sorted(int(k) for k in keeps), "classes": sorted(int(c) for c in labels)}
 
 
 def check_labels(labels: list[int], num_classes: int, where: str) -> None:
@@ -56,34 +38,6 @@ def check_labels(labels: list[int], num_classes: int, where: str) -> None:
 
         raise DataError(f"{where} holds class ids {bad[:5]} outside [0, num_classes={num_classes}) (id {num_classes} "
                         f"is the CFG null class): set num_classes={max(labels) + 1} or more")
-
-
-def generator_setup(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[GPT, MergeARConfig | None]:
-    """Build the GPT for the cache's grid and codebook; MergeAR adds the [M] token over keep options.
-
-    meta: the code cache's index plus ``keeps`` (see ``cache_contents``)."""
-    ar = dict(cfg["ar"])
-    size = ar.pop("size")
-    bits = int(meta["codebook_bits"])
-    factorized = ar.pop("factorized_bits", None)
-    vocab = {"factorized_bits": tuple(factorized)} if factorized else {"vocab_size": 2**bits}
-    if factorized and sum(factorized) != bits:
-        raise ValueError(f"ar.factorized_bits={factorized} must sum to the tokenizer's {bits} bits")
-    args = gpt_args(size, grid=tuple(meta["grid"]), num_classes=int(cfg["num_classes"]), **vocab, **ar)
-    generator = cfg["generator"]
-    if generator["kind"] == "raster":
-        return GPT(args), None
-    if generator["kind"] == "randar":
-        from ..models.randar import build_randar
-
-        return build_randar(args, generator), None
-    if generator["kind"] != "mergear":
-        raise ValueError(f"generator.kind={generator['kind']!r}: use raster, mergear or randar")
-    keep_options = generator.get("keep_options") or meta.get("keep", {}).get("choices") or meta["keeps"]
-    # keys a stored config lacks keep MergeARConfig's defaults: those of the runs made before them
-    options = {k: generator[k] for k in ("duplicate_rule", "mask_groups", "copy_head") if generator.get(k) is not None}
-    mergear = MergeARConfig(window=generator["window"], keep_options=tuple(keep_options), **options)
-    return GPT(mergear.model_args(args)), mergear
 
 
 class ARTrainingModel(nn.Module):
@@ -119,7 +73,7 @@ class Stage2Trainer(Trainer):
         acc = build_accelerator(cfg["backend"])
         session.attach(acc)
         self.setup_loop(acc, SeededItems(training_items(self.cache), cfg["seed"]), "the code cache")
-        model, self.mergear = generator_setup(cfg, {**self.cache.meta, **contents})
+        model, self.mergear = build_generator(cfg, {**self.cache.meta, **contents})
         set_activation_checkpointing(model, bool(train.get("activation_checkpointing", False)))
         compile_in_place([model], cfg["backend"].get("compile", False))
         self.name = f"stage II ({cfg['generator']['kind']})"

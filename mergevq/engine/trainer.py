@@ -10,9 +10,9 @@ from typing import Any
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import DataError
-from .loggers import logger_from_config
+from ..runs.loggers import logger_from_config
+from ..runs.session import RunSession
 from .runner import SeededItems, StepGuard, batches_per_epoch, step_batches
-from .session import RunSession
 
 
 class Trainer:

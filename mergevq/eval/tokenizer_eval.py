@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset, default_cache_dir
 from ..data.datasets import is_held_out, readable_batch
-from ..engine.loggers import RunLogger
-from ..engine.restore import load_trained_tokenizer
-from .card import lpips_info, package_versions, sha256_file, write_card
+from ..runs.card import lpips_info, package_versions, sha256_file, write_card
+from ..runs.loggers import RunLogger
+from ..runs.restore import load_trained_tokenizer
 from .features import FeatureCache, RandomFeatures, TFInceptionFeatures, extractor_meta
 from .fid import fid_from_features
 from .recon import ReconstructionEvaluator
@@ -37,11 +37,9 @@ def default_keeps(run_cfg: Mapping[str, Any]) -> list[int | None]:
     train = run_cfg["train"]
     if train.get("val_keeps") or train.get("keep_candidates"):
         return list(train.get("val_keeps") or train["keep_candidates"])
-    if run_cfg["tokenizer"].get("kind", "mergevq") != "mergevq":
-        return [None]
-    from ..models.factory import layout
+    from ..models.factory import keep_policy
 
-    return layout(run_cfg["tokenizer"], run_cfg["variant"])["keep_candidates"]
+    return list(keep_policy(run_cfg["tokenizer"], run_cfg.get("variant")).candidates)
 
 
 def eval_data_config(run_cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

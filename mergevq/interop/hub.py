@@ -37,7 +37,8 @@ from torch import nn
 from ..models.factory import build_tokenizer, layout
 from ..models.gpt import GPT, ModelArgs
 from ..models.mergear import MergeARConfig
-from .magvit2_import import CheckpointLayoutError, compare_states
+from ..runs.checkpoint import compare_states
+from .magvit2_import import CheckpointLayoutError
 
 CARD_NAME = "README.md"
 EVAL_CARD = "eval_card.md"
@@ -188,8 +189,8 @@ def from_pretrained(
 def check_config_json(config: dict[str, Any], kind: str, where: str) -> None:
     """Refuse a config.json with keys our builders do not take, or any ``_target_`` (nothing is
     instantiated from a hub folder), naming them."""
-    from ..config_check import ConfigError
-    from ..engine.restore import _targets
+    from ..errors import ConfigError
+    from ..runs.restore import _targets
 
     targets = [key for key, _ in _targets(config)]
     if targets:
@@ -266,7 +267,7 @@ def render_card(kind: str, config: dict[str, Any], evaluation: str | None = None
     if evaluation:
         lines += [_demote(evaluation).strip(), ""]
     else:
-        lines += ["No evaluation card was found for this checkpoint (run `python -m mergevq.evaluate` and export "
+        lines += ["No evaluation card was found for this checkpoint (run `python -m mergevq.entries.evaluate` and export "
                   "again).", ""]
     lines += [
         "## Usage", "", "```python", "from mergevq.interop.hub import from_pretrained", "",
@@ -309,8 +310,8 @@ def export_run(
     ``load_trained_generator`` (which reads the run's code cache for the grid and keep options).
     README.md embeds ``eval_card`` or the one ``find_eval_card`` finds in the run dir.
     """
-    from ..engine.checkpoint import read_state
-    from ..engine.restore import load_trained_generator, load_trained_tokenizer, resolve_checkpoint
+    from ..runs.checkpoint import read_state
+    from ..runs.restore import load_trained_generator, load_trained_tokenizer, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run_or_checkpoint_dir)
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

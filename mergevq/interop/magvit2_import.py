@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..models.factory import build_tokenizer
 from ..models.gpt import GPT, ModelArgs
+from ..runs.checkpoint import compare_states
 
 WEIGHTS = ("auto", "ema", "raw")
 TOKENIZER_PREFIXES = ("", "first_stage_model.")  # tokenizer checkpoint, AR checkpoint
@@ -115,29 +116,6 @@ def _is_zip(path: Path) -> bool:
     """torch.save's zip format (since torch 1.6) can be memory-mapped; the legacy format cannot."""
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
-
-
-def compare_states(
-    expected: Mapping[str, Tensor], found: Mapping[str, Tensor]
-) -> tuple[list[str], list[str], list[str]]:
-    """-> (missing, unexpected, shape mismatches as 'name: checkpoint (..) vs model (..)'), sorted."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(found) & set(expected)
-        if found[k].shape != expected[k].shape
-    )
-    return missing, unexpected, mismatched
-
-
-def load_strict(model: nn.Module, weights: Mapping[str, Tensor], source: str) -> nn.Module:
-    """Load ``weights`` (project names) into ``model`` or raise ``CheckpointLayoutError``."""
-    problems = compare_states(model.state_dict(), weights)
-    if any(problems):
-        raise CheckpointLayoutError(source, *problems)
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------- tokenizer

@@ -12,6 +12,7 @@ from ..models.decoder import MergeVQDecoder
 from ..models.encoder import MergeVQEncoder
 from ..models.lfq import LFQ
 from ..models.tokenizer import MergeVQTokenizer
+from ..runs.checkpoint import compare_states
 
 # official key prefix -> project key prefix (everything else keeps its name)
 _RENAMES = [
@@ -105,13 +106,7 @@ def load_official_tokenizer(ckpt_path: str | Path, ddconfig: dict, ema: bool = F
         inverse = {official_to_project_key(k): k for k in official_names}
         official_names = [inverse.get(k, k) for k in expected]
     weights = {official_to_project_key(k): v for k, v in _official_weights(state, official_names, ema).items()}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(weights) & set(expected)
-        if weights[k].shape != expected[k].shape
-    )
+    missing, unexpected, mismatched = compare_states(expected, weights)
     if missing or unexpected or mismatched:
         raise KeyError(
             f"checkpoint {path} does not match the ddconfig: missing {missing}, unexpected {unexpected}, "

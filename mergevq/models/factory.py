@@ -4,7 +4,6 @@ and ``recovery`` groups). No Hydra here: entries pass ``OmegaConf.to_container(c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,17 +11,11 @@ from torch import nn
 
 from .decoder import MergeVQDecoder
 from .encoder import MergeVQEncoder, load_teacher_state, weight_selection_init
+from .keep import KeepPolicy
 from .lfq import LFQ, bits_for_codebook_size
 from .magvit2 import Magvit2Tokenizer
-from .merge import keep_candidates, merge_schedule
 from .recovery import SourceRecovery
 from .tokenizer import MergeVQTokenizer
-
-
-def nominal_keep(num_positions: int, fraction: float) -> int:
-    """Nominal K: the perfect square nearest fraction * L (L itself a square grid)."""
-    side = round(math.isqrt(num_positions) * math.sqrt(fraction))
-    return max(1, side * side)
 
 
 def layout(tokenizer: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,24 +43,25 @@ def layout(tokenizer: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str
         drop_path=tokenizer.get("drop_path", 0.0),
     )
     decoder = dict(common, num_res_extra=tokenizer.get("num_res_extra", 1))
-    keep = variant.get("keep") or nominal_keep(positions, variant["keep_fraction"])
-    merge_schedule(positions, keep, tokenizer["depth"])  # fail early on an unreachable K
-    candidates = variant.get("keep_candidates")
-    if candidates:
-        keeps, probs = keep_candidates(positions, keep, candidates["count"], candidates["distribution"])
-    else:
-        keeps, probs = [keep], [1.0]
-    for candidate in keeps:
-        merge_schedule(positions, candidate, tokenizer["depth"])
+    policy = KeepPolicy.from_config(positions, tokenizer["depth"], variant)
     return {
         "encoder": encoder,
         "decoder": decoder,
         "grid": (side, side),
         "num_positions": positions,
-        "keep": keep,
-        "keep_candidates": keeps,
-        "keep_probs": probs,
+        "keep": policy.nominal,
+        "keep_candidates": list(policy.candidates),
+        "keep_probs": list(policy.probs),
+        "keep_policy": policy,
     }
+
+
+def keep_policy(tokenizer: Mapping[str, Any], variant: Mapping[str, Any] | None) -> KeepPolicy:
+    """The K policy of the tokenizer these config groups build (no model built): what
+    ``build_tokenizer(...).keep_policy`` will be."""
+    if tokenizer.get("kind", "mergevq") == "magvit2":
+        return KeepPolicy.no_merging()
+    return layout(tokenizer, variant)["keep_policy"]
 
 
 def quantizer_bits(quantizer: Mapping[str, Any] | None, bits: int) -> int:
@@ -103,11 +97,14 @@ def build_tokenizer(
     quantizer: Mapping[str, Any] | None = None,
     recovery: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """MergeVQTokenizer for kind 'mergevq' (size x variant), Magvit2Tokenizer for kind 'magvit2'."""
+    """MergeVQTokenizer for kind 'mergevq' (size x variant), Magvit2Tokenizer for kind 'magvit2'; either
+    carries its ``keep_policy`` (``mergevq.models.keep.KeepPolicy``)."""
     lfq = build_quantizer(quantizer, tokenizer["z_channels"])
     if tokenizer.get("kind", "mergevq") == "magvit2":
         modules = {k: tokenizer[k] for k in ("ch", "ch_mult", "num_res_blocks", "z_channels")}
-        return Magvit2Tokenizer(encoder=modules, decoder=modules, quantizer=lfq)
+        tok = Magvit2Tokenizer(encoder=modules, decoder=modules, quantizer=lfq)
+        tok.keep_policy = KeepPolicy.no_merging()
+        return tok
     if variant is None:
         raise ValueError("a MergeVQ tokenizer needs a variant (variant=g|gr|r)")
     spec = layout(tokenizer, variant)
@@ -125,7 +122,7 @@ def build_tokenizer(
             drop_path=recovery.get("drop_path", 0.0),
             key_positions=recovery.get("key_positions", True),
         )
-    return MergeVQTokenizer(
+    tok = MergeVQTokenizer(
         encoder,
         MergeVQDecoder(**spec["decoder"]),
         lfq,
@@ -133,3 +130,38 @@ def build_tokenizer(
         default_keep=spec["keep"],
         align_merge=tokenizer.get("align_merge", "official"),
     )
+    tok.keep_policy = spec["keep_policy"]  # K: nominal, candidates, reachable range, the per-step draw
+    return tok
+
+
+def build_generator(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[nn.Module, Any]:
+    """A run config's generator (``ar``, ``generator``, ``num_classes``) for a code cache -> (GPT or RandAR,
+    MergeARConfig or None). The GPT is sized for the cache's grid and codebook; MergeAR adds the [M]
+    token over its keep options.
+
+    meta: the code cache's index plus ``keeps`` (see ``mergevq.data.code_cache.cache_contents``)."""
+    from .gpt import GPT, gpt_args
+    from .mergear import MergeARConfig
+
+    ar = dict(cfg["ar"])
+    size = ar.pop("size")
+    bits = int(meta["codebook_bits"])
+    factorized = ar.pop("factorized_bits", None)
+    vocab = {"factorized_bits": tuple(factorized)} if factorized else {"vocab_size": 2**bits}
+    if factorized and sum(factorized) != bits:
+        raise ValueError(f"ar.factorized_bits={factorized} must sum to the tokenizer's {bits} bits")
+    args = gpt_args(size, grid=tuple(meta["grid"]), num_classes=int(cfg["num_classes"]), **vocab, **ar)
+    generator = cfg["generator"]
+    if generator["kind"] == "raster":
+        return GPT(args), None
+    if generator["kind"] == "randar":
+        from .randar import build_randar
+
+        return build_randar(args, generator), None
+    if generator["kind"] != "mergear":
+        raise ValueError(f"generator.kind={generator['kind']!r}: use raster, mergear or randar")
+    keep_options = generator.get("keep_options") or meta.get("keep", {}).get("choices") or meta["keeps"]
+    # keys a stored config lacks keep MergeARConfig's defaults: those of the runs made before them
+    options = {k: generator[k] for k in ("duplicate_rule", "mask_groups", "copy_head") if generator.get(k) is not None}
+    mergear = MergeARConfig(window=generator["window"], keep_options=tuple(keep_options), **options)
+    return GPT(mergear.model_args(args)), mergear

@@ -213,11 +213,6 @@ def canonical_order(groups: torch.Tensor, keep: int) -> tuple[torch.Tensor, torc
     return order, rank.gather(1, groups)
 
 
-def groups_to_source(groups: torch.Tensor, keep: int) -> torch.Tensor:
-    """Dense binary source matrix S [B, K, L] with S[b, k, l] = 1 iff position l belongs to token k."""
-    return torch.nn.functional.one_hot(groups, keep).transpose(1, 2).float()
-
-
 def unmerge(tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """tokens [B, K, C], groups [B, L] -> [B, L, C]: every position copies the token that owns it."""
     return tokens.gather(1, groups[..., None].expand(-1, -1, tokens.shape[-1]))

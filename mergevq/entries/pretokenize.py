@@ -1,6 +1,6 @@
 """Pre-tokenize a dataset for stage II with a frozen tokenizer (EMA weights by default):
 
-    python -m mergevq.tokenize ckpt=RUN_DIR out=DIR [keep_range=[144,256] keep_distribution=exponential] [flip=true]
+    python -m mergevq.entries.pretokenize ckpt=RUN_DIR out=DIR [keep_range=[144,256] keep_distribution=exponential] [flip=true]
         [keeps_per_image=4]
 
 Writes a code cache (``mergevq.data.code_cache``): per image the code grid [L] (the code of the group
@@ -13,7 +13,7 @@ image is encoded at n distinct K (drawn without replacement; all of them when n 
 item each; stage II then draws one of an image's K per sample and epoch (``KeepPerSample``).
 
 Several processes shard the images (rank r takes indices r::world) and write their own shards;
-rank 0 merges the indexes: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.tokenize ...
+rank 0 merges the indexes: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.entries.pretokenize ...
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..models.keep import mix_seed
+from ..models.merge import merge_schedule, reachable_keeps
 from .cli import run_entry
-from .engine.runner import mix_seed
 
 log = logging.getLogger(__name__)
 KEEP_DISTRIBUTIONS = ("uniform", "exponential")
@@ -80,8 +81,6 @@ class KeepPlan:
 
 def reachable_square_keeps(num_positions: int, depth: int, low: int, high: int) -> list[int]:
     """Perfect squares K in [low, high] that the merge schedule of ``depth`` layers reaches from L."""
-    from .models.merge import reachable_keeps
-
     reachable = set(reachable_keeps(num_positions, depth))
     roots = range(math.isqrt(max(low, 1) - 1) + 1, math.isqrt(high) + 1)
     return [r * r for r in roots if r * r in reachable]
@@ -100,18 +99,15 @@ def keep_probs(count: int, distribution: str) -> list[float]:
     return [w / total for w in weights]
 
 
-def merge_depth(tokenizer: nn.Module) -> int | None:
-    """Merge layers of a MergeVQ tokenizer; None for a tokenizer that does not merge (Open-MAGVIT2)."""
-    from .models.tokenizer import MergeVQTokenizer
-
-    return tokenizer.encoder.depth if isinstance(tokenizer, MergeVQTokenizer) else None
-
-
 def build_keep_plan(cfg: Mapping[str, Any], tokenizer: nn.Module, num_positions: int) -> KeepPlan:
-    """The KeepPlan for the config keys keep / keep_range / keep_distribution (ValueError if unusable)."""
+    """The KeepPlan for the config keys keep / keep_range / keep_distribution (ValueError if unusable).
+
+    The tokenizer's ``keep_policy`` gives its merge depth (None: no merging) and nominal K; L is the
+    encoder's positions at the data's size."""
     keep, keep_range, distribution = cfg.get("keep"), cfg.get("keep_range"), cfg.get("keep_distribution")
-    depth = merge_depth(tokenizer)
-    nominal = num_positions if depth is None else (tokenizer.default_keep or num_positions)
+    policy = tokenizer.keep_policy
+    depth = policy.depth
+    nominal = num_positions if depth is None else (policy.nominal or num_positions)
     if keep is not None and keep_range is not None:
         raise ValueError(f"set either keep={keep} or keep_range={list(keep_range)}, not both")
     if keep_range is not None:
@@ -132,7 +128,7 @@ def build_keep_plan(cfg: Mapping[str, Any], tokenizer: nn.Module, num_positions:
         if depth is None and keep != num_positions:
             raise ValueError(f"this tokenizer does not merge: keep must be null or {num_positions}, got {keep}")
         if depth is not None:
-            tokenizer.schedule(num_positions, keep)  # ValueError naming the reachable range
+            merge_schedule(num_positions, keep, depth)  # ValueError naming the reachable range
         return KeepPlan("fixed", [keep], [1.0], int(cfg.get("seed", 0)), nominal=nominal)
     return KeepPlan("nominal", [nominal], [1.0], int(cfg.get("seed", 0)), nominal=nominal)
 
@@ -175,7 +171,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def clear_out_dir(out: Path) -> None:
     """Remove an earlier cache's files (index first, so an interrupted run never looks complete)."""
-    from .data.code_cache import INDEX_FILE
+    from ..data.code_cache import INDEX_FILE
 
     stale = cache_files(out)
     (out / INDEX_FILE).unlink(missing_ok=True)
@@ -199,11 +195,11 @@ def encode_batch(tokenizer: nn.Module, images: torch.Tensor, keeps: torch.Tensor
 
 def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
     """cfg: the ``tokenize`` config (plain dict). Returns the cache index on rank 0, {} elsewhere."""
-    from .data import build_dataset
-    from .data.code_cache import CodeCacheWriter, merge_rank_indexes
-    from .engine.restore import WEIGHT_NAMES, load_trained_tokenizer
-    from .eval.card import sha256_file
-    from .eval.tokenizer_eval import eval_data_config
+    from ..data import build_dataset
+    from ..data.code_cache import CodeCacheWriter, merge_rank_indexes
+    from ..eval.tokenizer_eval import eval_data_config
+    from ..runs.integrity import sha256_file
+    from ..runs.restore import WEIGHT_NAMES, load_trained_tokenizer
 
     tokenizer, run_cfg, checkpoint = load_trained_tokenizer(cfg["ckpt"], cfg["weights"])
     tokenizer.to(accelerator.device).eval()
@@ -274,7 +270,7 @@ def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
         return {}
     if world > 1:
         merge_rank_indexes(out, list(range(world)))
-    from .data.code_cache import CodeCache
+    from ..data.code_cache import CodeCache
 
     index = CodeCache(out).meta
     log.info("code cache: %d items (%d images%s) in %d shards at %s", index["num_items"], total,
@@ -283,7 +279,7 @@ def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
 
 
 def task(cfg: DictConfig) -> int:
-    from .engine.runner import build_accelerator, seed_everything
+    from ..engine.runner import build_accelerator, seed_everything
 
     config = OmegaConf.to_container(cfg, resolve=True)
     seed_everything(config["seed"])

@@ -1,6 +1,6 @@
-"""Stage I entry: python -m mergevq.train_tokenizer [experiment=...] [key=value ...]
+"""Stage I entry: python -m mergevq.entries.train_tokenizer [experiment=...] [key=value ...]
 
-Multi-process on CPU: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.train_tokenizer ...
+Multi-process on CPU: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.entries.train_tokenizer ...
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ log = logging.getLogger("mergevq")
 
 
 def task(cfg: DictConfig) -> float:
-    from .engine.runner import world_info
-    from .engine.session import RunSession
-    from .engine.stage1 import train_tokenizer
+    from ..engine.runner import world_info
+    from ..engine.stage1 import train_tokenizer
+    from ..runs.session import RunSession
     from .objective import objective, with_metric_validated
 
     config = with_metric_validated(OmegaConf.to_container(cfg, resolve=True))

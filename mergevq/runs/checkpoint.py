@@ -48,10 +48,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from .atomic import fsync_dir
 from .integrity import read_checked as _read
 from .integrity import sha256_file, verify_files
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the one format version: state.json's format_version; runs also record it as RUN_FORMAT
+RUN_FORMAT = f"mergevq-run/{FORMAT_VERSION}"  # metadata.format, as every run since the first has written it
 STATE_FILE = "state.json"
 OPTIM_FILE = "optim.pt"
 _FINAL_RE = re.compile(r"^step_(\d+)$")
@@ -66,43 +68,9 @@ class CheckpointMismatchError(CheckpointError):
 # --------------------------------------------------------------------------------------------- files
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename/creation inside it survives a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via ``path.tmp-<pid>``, fsync, os.replace: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def step_dir_name(step: int) -> str:
@@ -422,6 +390,10 @@ def read_state(path: Path) -> dict[str, Any]:
             f"{path}: checkpoint format_version {state.get('format_version')} was written by another version "
             f"of mergevq; this version reads format_version {FORMAT_VERSION}"
         )
+    found = state.get("metadata", {}).get("format")
+    if found is not None and found != RUN_FORMAT:
+        raise CheckpointMismatchError(f"{path} was written by another version of mergevq (run format {found!r}); this "
+                                      f"version reads {RUN_FORMAT!r}: retrain, or load it with the version that wrote it")
     return state
 
 
@@ -434,20 +406,27 @@ def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     return _read(file, lambda: load_file(str(file), device="cpu"))
 
 
+def mis_shaped(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    """Keys in both state dicts whose tensors differ in shape, sorted."""
+    return sorted(k for k in set(expected) & set(found)
+                  if isinstance(expected[k], torch.Tensor) and tuple(expected[k].shape) != tuple(found[k].shape))
+
+
+def compare_states(expected: Mapping[str, Any], found: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """The one state-dict comparison: (missing, unexpected, shape mismatches as
+    'name: checkpoint (..) vs model (..)'), each sorted by key. expected: the model's, found: the file's."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shape = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in mis_shaped(expected, found)]
+    return missing, unexpected, shape
+
+
 def _load_into(name: str, target: Any, loaded: dict[str, torch.Tensor], strict: bool) -> dict[str, list[str]]:
     """Check ``loaded`` against ``target.state_dict()`` and load it. Returns the mismatch report."""
     expected = target.state_dict()
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    bad_shape = {
-        k
-        for k in set(expected) & set(loaded)
-        if isinstance(expected[k], torch.Tensor) and tuple(expected[k].shape) != tuple(loaded[k].shape)
-    }
-    shape = [
-        f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(bad_shape)
-    ]
+    missing, unexpected, shape = compare_states(expected, loaded)
+    bad_shape = set(mis_shaped(expected, loaded))
     report = {"missing": missing, "unexpected": unexpected, "shape_mismatch": shape}
     if strict and (missing or unexpected or shape):
         lines = [f"model '{name}' does not match its checkpoint:"]

@@ -1,4 +1,4 @@
-"""Stage II entry: python -m mergevq.train_ar codes=<code cache> [generator=mergear|raster] [ar=tiny|b|l|xl]"""
+"""Stage II entry: python -m mergevq.entries.train_ar codes=<code cache> [generator=mergear|raster] [ar=tiny|b|l|xl]"""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ log = logging.getLogger("mergevq")
 def task(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from .engine.session import RunSession
-    from .engine.stage2 import train_ar
+    from ..engine.stage2 import train_ar
+    from ..runs.session import RunSession
 
     config = OmegaConf.to_container(cfg, resolve=True)
     if not (Path(config["codes"]) / "index.json").is_file():
         print(f"error: codes={config['codes']} has no index.json: write one with "
-              "python -m mergevq.tokenize ckpt=<tokenizer run> out=<dir>", file=sys.stderr)
+              "python -m mergevq.entries.pretokenize ckpt=<tokenizer run> out=<dir>", file=sys.stderr)
         raise SystemExit(2)
     cfg.codes = config["codes"] = str(Path(config["codes"]).expanduser().resolve())  # stored absolute: sampling works from anywhere
     check_ar_run(config)

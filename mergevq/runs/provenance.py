@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mergevq.engine.checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 
 # The repository that holds the mergevq package (meaningless, and reported "unknown", when installed
 # from a wheel).

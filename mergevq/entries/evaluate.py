@@ -1,9 +1,9 @@
-"""Evaluate a tokenizer checkpoint: python -m mergevq.evaluate ckpt=RUN_DIR [keeps=[36,64]] [features=random]
+"""Evaluate a tokenizer checkpoint: python -m mergevq.entries.evaluate ckpt=RUN_DIR [keeps=[36,64]] [features=random]
 
 Writes the evaluation card (eval_card.json / .md) and per_k.png; with logger=csv|wandb also the
 eval/per_k table, the plot and eval/k{K}/{metric} summary scalars.
 
-Several processes shard the data: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.evaluate ...
+Several processes shard the data: ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 -m mergevq.entries.evaluate ...
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from .config_check import check_evaluate_run
 
 
 def task(cfg: DictConfig) -> float:
-    from .engine.loggers import logger_from_config
-    from .engine.runner import build_accelerator, seed_everything
-    from .eval.tokenizer_eval import evaluate_tokenizer, log_per_k
+    from ..engine.runner import build_accelerator, seed_everything
+    from ..eval.tokenizer_eval import evaluate_tokenizer, log_per_k
+    from ..runs.loggers import logger_from_config
 
     config = OmegaConf.to_container(cfg, resolve=True)
     check_evaluate_run(config)  # checkpoint kind, keeps, data folder: before any model or data is loaded
     if config["lpips"]["enabled"] and config["lpips"]["pretrained"]:
-        from .losses.perceptual import hub_vgg16_path
+        from ..losses.perceptual import hub_vgg16_path
 
         path = Path(config["lpips"].get("backbone_weights") or hub_vgg16_path()).expanduser()
         if not path.is_file():

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models.positions import (
+from ..models.positions import (
     POSITION_SAMPLERS,
     PositionBank,
     default_steps,
@@ -19,7 +19,7 @@ from .models.positions import (
     sort_by_position,
     uniform_positions,
 )
-from .models.randar import RandAR, generate_randar
+from ..models.randar import RandAR, generate_randar
 
 RECOVERY_MODES = ("auto", "source_recovery", "nearest")
 FALLBACK_LABEL = "nearest_representative (fallback: each position owned by the nearest representative position)"
@@ -51,7 +51,7 @@ class RandARRoute:
         self.recovery = "source_recovery" if mode == "source_recovery" or (mode == "auto" and has_recovery) else "nearest"
         self.bank = None
         if self.sampler == "bank":
-            from .data.code_cache import CodeCache
+            from ..data.code_cache import CodeCache
 
             self.bank = PositionBank.from_cache(CodeCache(run_cfg["codes"]), self.keep)
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from ..errors import CheckpointError, PathNotFound
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state
-from .session import check_format
 
 WEIGHT_NAMES = {"ema": "tokenizer_ema", "raw": "tokenizer"}
 # What each kind of checkpoint is, the model file that marks it and the entries that take it.
@@ -71,7 +70,6 @@ def stored_config(checkpoint: Path) -> dict[str, Any]:
     """The resolved run config saved in the checkpoint: plain YAML (safe_load), from this version's
     run format, with no ``_target_`` outside ALLOWED_TARGETS; nothing is instantiated from it."""
     state = read_state(checkpoint)
-    check_format(state, checkpoint)
     metadata = state.get("metadata", {})
     if "config" not in metadata:
         raise ValueError(f"{checkpoint} has no stored config (not a mergevq training checkpoint?)")
@@ -104,15 +102,15 @@ def load_trained_generator(path: str | Path, weights: str = "ema"):
     """-> (GPT in eval mode, MergeARConfig or None, run config, code-cache meta, checkpoint dir).
 
     weights: 'ema' uses gpt_ema when the run kept one, else the raw weights ('raw' forces them)."""
-    from ..data.code_cache import CodeCache
-    from .stage2 import cache_contents, generator_setup
+    from ..data.code_cache import CodeCache, cache_contents
+    from ..models.factory import build_generator
 
     checkpoint = resolve_checkpoint(path)
     require_kind(checkpoint, "generator", "sample")
     config = stored_config(checkpoint)
     cache = CodeCache(code_cache_of(config, checkpoint))
     meta = {**cache.meta, **cache_contents(cache)}
-    model, mergear = generator_setup(config, meta)
+    model, mergear = build_generator(config, meta)
     name = "gpt_ema" if weights == "ema" and (checkpoint / "gpt_ema.safetensors").is_file() else "gpt"
     load_checkpoint(checkpoint, {name: model})
     return model.eval(), mergear, config, meta, checkpoint

@@ -1,6 +1,6 @@
 """Reconstruct images with a trained tokenizer and draw its merge maps:
 
-    python -m mergevq.reconstruct ckpt=RUN_DIR input=IMAGE_OR_FOLDER [keep=144 | keep=[64,144,256]]
+    python -m mergevq.entries.reconstruct ckpt=RUN_DIR input=IMAGE_OR_FOLDER [keep=144 | keep=[64,144,256]]
 
 Each image is resized (shorter side, bilinear) and center-cropped to the tokenizer's resolution, then
 encoded and decoded at every K. Per image, in the run dir (``hydra.run.dir``):
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,8 +63,8 @@ def find_images(path: str | Path, recursive: bool = False) -> list[Path]:
 
 def load_view(path: Path, size: int) -> torch.Tensor:
     """Any PIL-readable image -> [3, size, size] in [-1, 1] (the evaluation view)."""
-    from .data.folder import load_image
-    from .data.transforms import val_transform
+    from ..data.folder import load_image
+    from ..data.transforms import val_transform
 
     try:
         image = load_image(path)
@@ -88,19 +87,20 @@ def keep_list(keep: Any) -> list[int | None]:
 @torch.no_grad()
 def reconstruct(tokenizer: torch.nn.Module, x: torch.Tensor, keeps: Sequence[int | None]) -> list[dict[str, Any]]:
     """x [3, S, S] in [-1, 1] -> per K: {keep, recon [3, S, S], groups [L], grid, psnr (dB on [0, 1])}."""
+    from ..eval.recon import psnr_per_image
+
     device = next(tokenizer.parameters()).device
     batch = x[None].to(device)
     rows = []
     for keep in keeps:
         tokens = tokenizer.encode(batch, keep=keep)
         recon = tokenizer.decode(tokens).float().clamp(-1, 1)[0].cpu()
-        mse = float(((recon - x) / 2).pow(2).mean())
         rows.append({
             "keep": tokens.keep,
             "recon": recon,
             "groups": tokens.groups[0].cpu(),
             "grid": tuple(tokens.grid),
-            "psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+            "psnr": float(psnr_per_image(recon[None], x[None])[0]),
         })
     return rows
 
@@ -115,7 +115,7 @@ def output_name(path: Path, root: Path) -> str:
 def write_pictures(name: str, x: torch.Tensor, rows: list[dict[str, Any]], out_dir: Path,
                    alpha: float, min_panel: int) -> tuple[Path, Path]:
     """<name>_recon.png and <name>_mergemap.png (input first, then one panel per K)."""
-    from .viz import display_factor, merge_map, save_panels, to_unit, upscale
+    from ..viz import display_factor, merge_map, save_panels, to_unit, upscale
 
     factor = display_factor(x.shape[-2], min_panel)
     big = upscale(x, factor)  # merge maps drawn at display size keep one-pixel boundary lines
@@ -128,9 +128,9 @@ def write_pictures(name: str, x: torch.Tensor, rows: list[dict[str, Any]], out_d
 
 
 def task(cfg: DictConfig) -> float:
-    from .engine.loggers import logger_from_config
-    from .engine.restore import load_trained_tokenizer
-    from .engine.runner import build_accelerator
+    from ..engine.runner import build_accelerator
+    from ..runs.loggers import logger_from_config
+    from ..runs.restore import load_trained_tokenizer
 
     config = OmegaConf.to_container(cfg, resolve=True)
     try:

@@ -1,6 +1,6 @@
 """`make demo` report: after the tiny tokenizer's training run, collect what it produced.
 
-    python -m mergevq.demo RUN_DIR
+    python -m mergevq.entries.demo_report RUN_DIR
 
 Writes RUN_DIR/per_k.md (PSNR, L1 and code usage per K on the held-out split, from the final
 validation; rFID and PSNR per K from the evaluation card in RUN_DIR/eval when present; one row per
@@ -84,5 +84,9 @@ def report(run_dir: Path) -> tuple[Path, Path]:
     return markdown, grid
 
 
-if __name__ == "__main__":
+def main() -> None:
     report(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo"))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ import csv
 import html
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write_text
 
 
 def _table(path: Path) -> str:

@@ -23,6 +23,7 @@ import yaml
 
 from ..errors import CheckpointError, RunDirError, UserError, one_line
 from .checkpoint import (
+    RUN_FORMAT,
     CheckpointMismatchError,
     cleanup_incomplete,
     latest_checkpoint,
@@ -35,9 +36,8 @@ from .checkpoint import (
 )
 from .provenance import git_sha, write_provenance
 from .runlock import RunLock
-from .runner import fault_point
+from .faults import fault_point
 
-FORMAT = "mergevq-run/1"
 # Config entries that describe the run, not the model: left out of "checkpoint of another config" hints.
 _RUN_KEYS = ("run_dir", "resume", "overrides", "train", "logger", "backend", "data", "task", "seed", "codes")
 # Config keys (dotted prefixes) a resume may change; every other difference refuses the resume.
@@ -69,14 +69,6 @@ def probe_writable(directory: Path) -> None:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
-
-
-def check_format(state: Mapping[str, Any], path: Path) -> None:
-    """A checkpoint's run format (``metadata.format``) must be this version's, when it has one."""
-    found = state.get("metadata", {}).get("format")
-    if found is not None and found != FORMAT:
-        raise CheckpointMismatchError(f"{path} was written by another version of mergevq (run format {found!r}); this version "
-                         f"reads {FORMAT!r}: retrain, or load it with the version that wrote it")
 
 
 def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any], limit: int = 8) -> list[str]:
@@ -196,7 +188,6 @@ class RunSession:
                 raise
             except CheckpointError:
                 continue  # unreadable: resume() falls back past it
-            check_format(state, path)
             stored = stored_run_config(state)
             task = stored.get("task") or ("train_ar" if "gpt" in state.get("models", []) else "train_tokenizer")
             if task != self.config.get("task"):
@@ -220,7 +211,7 @@ class RunSession:
         return self.run_dir / "checkpoints"
 
     def metadata(self) -> dict[str, str]:
-        return {"format": FORMAT, "config": self.config_text, "git_sha": self.sha}
+        return {"format": RUN_FORMAT, "config": self.config_text, "git_sha": self.sha}
 
     def save_checkpoint(self, step: int, models: Mapping[str, Any], optimizers: Mapping[str, Any], extra: Mapping[str, Any]) -> Path:
         """Save one checkpoint; a failed write (full disk) is one line naming the run directory, the
@@ -270,7 +261,6 @@ class RunSession:
 
     def _load(self, path: Path, models: Mapping[str, Any], optimizers: Mapping[str, Any]) -> dict[str, Any]:
         state = read_state(path)
-        check_format(state, path)
         absent = sorted(set(models) - set(state.get("models", [])))
         if absent:
             raise CheckpointError(f"resume={path} has no {', '.join(absent)} (it holds {', '.join(state.get('models', []))}): "

@@ -1,4 +1,4 @@
-"""Linear probe: python -m mergevq.probe ckpt=RUN_DIR [keeps=[16,36,64]] [kinds=[cls,mean]]"""
+"""Linear probe: python -m mergevq.entries.probe ckpt=RUN_DIR [keeps=[16,36,64]] [kinds=[cls,mean]]"""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from .cli import run_entry
 
 
 def task(cfg: DictConfig) -> float:
-    from .engine.runner import seed_everything
-    from .eval.probe_run import probe_tokenizer
+    from ..engine.runner import seed_everything
+    from ..eval.probe_run import probe_tokenizer
 
     config = OmegaConf.to_container(cfg, resolve=True)
     seed_everything(config["seed"])

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mergevq.engine.checkpoint import atomic_write_text
-from mergevq.engine.integrity import sha256_file  # noqa: F401 (re-exported)
+from .atomic import atomic_write_text
+from mergevq.runs.integrity import sha256_file  # noqa: F401 (re-exported)
 
 JSON_NAME, MD_NAME = "eval_card.json", "eval_card.md"
 REQUIRED = (

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 _VAL = re.compile(r"val/k(\d+|_nominal)/(\w+)")
@@ -34,9 +34,9 @@ def metric_keep(config: Mapping[str, Any]) -> int | None:
     if config["tokenizer"].get("kind", "mergevq") != "mergevq":
         raise UserError(f"optimized_metric={metric}: tokenizer={config['tokenizer']['name']} has no merging (no "
                         "nominal K): use final/<key>")
-    from .models.factory import layout
+    from ..models.factory import keep_policy
 
-    return int(layout(config["tokenizer"], config["variant"])["keep"])
+    return int(keep_policy(config["tokenizer"], config["variant"]).nominal)
 
 
 def with_metric_validated(config: dict[str, Any]) -> dict[str, Any]:
@@ -47,9 +47,9 @@ def with_metric_validated(config: dict[str, Any]) -> dict[str, Any]:
     train = config["train"]
     keeps = train.get("val_keeps") or train.get("keep_candidates")
     if keeps is None:
-        from .models.factory import layout
+        from ..models.factory import keep_policy
 
-        keeps = layout(config["tokenizer"], config["variant"])["keep_candidates"]
+        keeps = list(keep_policy(config["tokenizer"], config["variant"]).candidates)
     if keep not in keeps:
         log.info("optimized_metric=%s: validating at K=%d as well", config["optimized_metric"], keep)
         config = {**config, "train": {**train, "val_keeps": [*keeps, keep]}}

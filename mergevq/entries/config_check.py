@@ -8,11 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
+from ..errors import ConfigError
 
 
 def _require_path(key: str, value: Any, what: str) -> None:
@@ -112,7 +108,7 @@ def check_image_root(key: str, root: Any, name: str) -> None:
     if not path.is_dir():
         raise ConfigError(f"{key}={root} is a file, not a folder: set {key}=<folder of class folders>")
     if name == "folder":
-        from .data.folder import IMG_EXTENSIONS
+        from ..data.folder import IMG_EXTENSIONS
 
         for _, _, files in os.walk(path, followlinks=True):
             if any(f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".") for f in files):
@@ -123,7 +119,7 @@ def check_image_root(key: str, root: Any, name: str) -> None:
 
 def check_backend(backend: Mapping[str, Any]) -> None:
     """The backend's device is usable here (backend=npu: torch-npu importable; cuda: a visible GPU)."""
-    from .engine.runner import check_device
+    from ..engine.runner import check_device
 
     try:
         check_device(backend)
@@ -133,18 +129,17 @@ def check_backend(backend: Mapping[str, Any]) -> None:
 
 def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
     """Stage-I config: reachable keeps, batch layout, data and weight paths, group values."""
-    from .data.datasets import DATASETS
-    from .models.factory import layout
-    from .models.merge import merge_schedule
+    from ..data.datasets import DATASETS
+    from ..models.factory import keep_policy
 
     check_values(cfg, TRAIN_VALUES)
     tokenizer, train = cfg["tokenizer"], cfg["train"]
     if tokenizer.get("kind", "mergevq") == "mergevq":
         try:
-            spec = layout(tokenizer, cfg["variant"])
+            policy = keep_policy(tokenizer, cfg["variant"])
             for key in ("keep_candidates", "val_keeps"):
                 for keep in train.get(key) or []:
-                    merge_schedule(spec["num_positions"], keep, tokenizer["depth"])
+                    policy.check(keep)
         except ValueError as error:
             raise ConfigError(f"variant.keep / train.keep_candidates / train.val_keeps: {error}") from None
     else:  # magvit2: no merging (K is always None) and no alignment head
@@ -153,7 +148,7 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
                 raise ConfigError(f"train.{key}={train[key]}: tokenizer.kind={tokenizer['kind']} does not merge tokens: set it to null")
         if cfg.get("teacher", {}).get("kind", "none") != "none":
             raise ConfigError(f"teacher.kind={cfg['teacher']['kind']}: tokenizer.kind={tokenizer['kind']} has no alignment head: use teacher.kind=none")
-    from .models.factory import quantizer_bits
+    from ..models.factory import quantizer_bits
 
     try:
         quantizer_bits(cfg.get("quantizer"), tokenizer["z_channels"])
@@ -164,7 +159,7 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
     if isinstance(bad_steps, bool) or not isinstance(bad_steps, int) or bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={bad_steps}: use an int >= 1 (non-finite steps in a row before stopping)")
     accum = train["grad_accum"]
-    from .engine.ema import updates_per_step
+    from ..engine.ema import updates_per_step
 
     try:
         updates_per_step(train["ema"].get("cadence", "micro_batch"), accum)
@@ -189,7 +184,7 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
         _require_path("tokenizer.encoder_init", tokenizer["encoder_init"], "a timm DINOv2 ViT state dict")
     perceptual = cfg["loss"].get("perceptual", {})
     if cfg["loss"].get("perceptual_weight", 0) > 0 and perceptual.get("pretrained", True):
-        from .losses.perceptual import hub_vgg16_path
+        from ..losses.perceptual import hub_vgg16_path
 
         path = perceptual.get("backbone_weights") or hub_vgg16_path()
         if not Path(str(path)).expanduser().is_file():
@@ -213,7 +208,7 @@ def check_ar_run(cfg: Mapping[str, Any]) -> None:
 
 def _checkpoint(key: str, value: Any, kind: str, entry: str) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``key`` names, of the right kind, and its stored config (no weights read)."""
-    from .engine.restore import require_kind, resolve_checkpoint, stored_config
+    from ..runs.restore import require_kind, resolve_checkpoint, stored_config
 
     if value in (None, "", "???"):
         raise ConfigError(f"{key} is not set: set {key}=<run directory or checkpoints/step_* directory>")
@@ -225,8 +220,7 @@ def _checkpoint(key: str, value: Any, kind: str, entry: str) -> tuple[Path, dict
 def check_evaluate_run(cfg: Mapping[str, Any]) -> None:
     """evaluate: typed values, the checkpoint (a tokenizer run), reachable keeps and the data folder,
     all before any model or data is loaded."""
-    from .models.factory import layout
-    from .models.merge import merge_schedule
+    from ..models.factory import keep_policy
 
     check_values(cfg, EVALUATE_VALUES)
     _, run = _checkpoint("ckpt", cfg.get("ckpt"), "tokenizer", "evaluate")
@@ -234,10 +228,10 @@ def check_evaluate_run(cfg: Mapping[str, Any]) -> None:
     if cfg.get("keeps"):
         if tokenizer.get("kind", "mergevq") != "mergevq":
             raise ConfigError(f"keeps={cfg['keeps']}: tokenizer.kind={tokenizer['kind']} does not merge tokens: set keeps=null")
-        positions = layout(tokenizer, run["variant"])["num_positions"]
+        policy = keep_policy(tokenizer, run["variant"])
         for keep in cfg["keeps"]:
             try:
-                merge_schedule(positions, keep, tokenizer["depth"])
+                policy.check(keep)
             except ValueError as error:
                 raise ConfigError(f"keeps={cfg['keeps']}: {error}") from None
     data = {**run["data"], **{k: v for k, v in (cfg.get("data") or {}).items() if v is not None}}
@@ -248,9 +242,8 @@ def check_evaluate_run(cfg: Mapping[str, Any]) -> None:
 def check_sample_run(cfg: Mapping[str, Any]) -> None:
     """sample: typed option ranges, the checkpoint (a generator run), class ids within the run's
     num_classes and keep among its keep options, before any model is loaded."""
-    from .data.code_cache import CodeCache
-    from .engine.restore import code_cache_of
-    from .engine.stage2 import cache_contents
+    from ..data.code_cache import CodeCache, cache_contents
+    from ..runs.restore import code_cache_of
 
     check_values(cfg, SAMPLE_VALUES)
     checkpoint, run = _checkpoint("ckpt", cfg.get("ckpt"), "generator", "sample")

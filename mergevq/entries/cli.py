@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _fail(message: str) -> None:
@@ -43,6 +43,14 @@ def precheck_overrides(config_name: str, overrides: list[str]) -> None:
         _fail(" ".join(text.split()))
 
 
+MODULES = {"tokenize": "pretokenize"}  # config name -> entry module, where they differ
+
+
+def entry_module(config_name: str) -> str:
+    """``mergevq.entries.<module>``: what ``python -m`` runs for the entry with this config name."""
+    return f"mergevq.entries.{MODULES.get(config_name, config_name)}"
+
+
 ENTRY_KIND = {"train_tokenizer": "a tokenizer (stage I) preset", "train_ar": "a generator (stage II) preset"}
 
 
@@ -75,9 +83,10 @@ def check_preset(config_name: str, overrides: list[str]) -> None:
         for name in value.split(","):  # a multirun may list several
             owner = preset_entry(name)
             if owner is not None and owner != config_name:
-                kind = ENTRY_KIND.get(owner, f"a preset of mergevq.{owner}")
-                _fail(f"experiment={name} is {kind} for mergevq.{owner}, not mergevq.{config_name}: run "
-                      f"python -m mergevq.{owner} experiment={name} ...; presets of mergevq.{config_name}: "
+                mine, theirs = entry_module(config_name), entry_module(owner)
+                kind = ENTRY_KIND.get(owner, f"a preset of {theirs}")
+                _fail(f"experiment={name} is {kind} for {theirs}, not {mine}: run "
+                      f"python -m {theirs} experiment={name} ...; presets of {mine}: "
                       f"{', '.join(entry_presets(config_name)) or '(none)'}")
 
 
@@ -88,7 +97,7 @@ def entry_help(config_name: str) -> str:
 
     data = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text())
     help_cfg = data.get("hydra", {}).get("help", {})
-    lines = [help_cfg.get("header", f"mergevq.{config_name}").rstrip(), "", "== Configuration groups ==", "Choose one option per group as group=option:"]
+    lines = [help_cfg.get("header", entry_module(config_name)).rstrip(), "", "== Configuration groups ==", "Choose one option per group as group=option:"]
     for item in data.get("defaults", []):
         if not isinstance(item, dict):
             continue
@@ -113,7 +122,7 @@ def one_line_errors(task: Callable) -> Callable:
     stderr and exit status 2; with ``HYDRA_FULL_ERROR=1`` they propagate with their traceback."""
     import functools
 
-    from .errors import UserError, one_line
+    from ..errors import UserError, one_line
 
     @functools.wraps(task)
     def guarded(cfg):

@@ -1,4 +1,4 @@
-"""Sample a stage-II generator: python -m mergevq.sample ckpt=AR_RUN [per_class=50] [evaluate.enabled=true]
+"""Sample a stage-II generator: python -m mergevq.entries.sample ckpt=AR_RUN [per_class=50] [evaluate.enabled=true]
 
 Writes samples.png (one row per class), samples.npz (arr_0 uint8 NHWC, labels, codes) and
 sampling.json (every sampling setting, tokens/s, peak KV-cache entries); with evaluate.enabled an
@@ -19,13 +19,13 @@ from .cli import run_entry
 def task(cfg: DictConfig) -> float:
     import logging
 
-    from .engine.loggers import logger_from_config
-    from .engine.runner import build_accelerator, seed_everything
+    from ..engine.runner import build_accelerator, seed_everything
+    from ..runs.loggers import logger_from_config
     from .sampling import log_samples, sample_images, write_samples
 
     config = OmegaConf.to_container(cfg, resolve=True)
     if config["evaluate"]["enabled"] and config["eval"]["inception_weights"]:
-        from .eval.inception import check_weights_file
+        from ..eval.inception import check_weights_file
 
         check_weights_file(config["eval"]["inception_weights"])  # fail before sampling, not after
     seed_everything(config["seed"])
@@ -38,7 +38,7 @@ def task(cfg: DictConfig) -> float:
         log_samples(logger, result, paths.get("grid"))
         if not config["evaluate"]["enabled"]:
             return float("nan")
-        from .eval.generator_run import evaluate_samples
+        from ..eval.generator_run import evaluate_samples
 
         card = evaluate_samples(config, result, run_dir)
         scores = {f"eval/{k}": v for k, v in card["metrics"].items() if isinstance(v, int | float)}

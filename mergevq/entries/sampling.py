@@ -13,12 +13,12 @@ import torch
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from .engine.checkpoint import atomic_write_text
-from .engine.loggers import RunLogger
-from .engine.restore import load_trained_generator, load_trained_tokenizer
-from .models.generate import generate
-from .models.mergear import keep_index
-from .models.randar import RandAR
+from ..models.generate import generate
+from ..models.mergear import keep_index
+from ..models.randar import RandAR
+from ..runs.atomic import atomic_write_text
+from ..runs.loggers import RunLogger
+from ..runs.restore import load_trained_generator, load_trained_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Parameter counts and GFLOPs of a tokenizer configuration, built on the meta device (no allocation).
 
-    python -m mergevq.summary tokenizer=d64 variant=gr [format=json] [keep=144] [ar_experiment=ar_l_randar_gr]
+    python -m mergevq.entries.summary tokenizer=d64 variant=gr [format=json] [keep=144] [ar_experiment=ar_l_randar_gr]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.factory import build_tokenizer, layout
+from ..models.factory import build_tokenizer, layout
 
 
 def _count(module: torch.nn.Module | None) -> int:
@@ -67,8 +67,8 @@ def generator_params(experiment: str, grid: tuple[int, int] = (16, 16), bits: in
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    from ..models.factory import build_generator
     from .cli import CONF_DIR
-    from .engine.stage2 import generator_setup
 
     overrides = [f"experiment={experiment}", "codes=unused", "run_dir=unused"]
     if GlobalHydra.instance().is_initialized():
@@ -78,7 +78,7 @@ def generator_params(experiment: str, grid: tuple[int, int] = (16, 16), bits: in
             cfg = compose("train_ar", overrides=overrides)
     config = OmegaConf.to_container(cfg, resolve=False)
     with torch.device("meta"):
-        model, _ = generator_setup(config, {"codebook_bits": bits, "grid": list(grid), "keeps": [grid[0] * grid[1]]})
+        model, _ = build_generator(config, {"codebook_bits": bits, "grid": list(grid), "keeps": [grid[0] * grid[1]]})
     return _count(model)
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    @hydra.main(config_path="../conf", config_name="summary", version_base="1.3")
+    @hydra.main(config_path="../../conf", config_name="summary", version_base="1.3")
     def run(cfg) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
         result = summarize(config["tokenizer"], config.get("variant"), config.get("keep"))

@@ -1,6 +1,6 @@
 """Aggregate the evaluation cards of a sweep (or of any folder of runs) into one table and plots.
 
-    python -m mergevq.report <sweep or runs dir> [--out DIR]
+    python -m mergevq.entries.report <sweep or runs dir> [--out DIR]
 
 Every ``eval_card.json`` under the directory (recursively) gives one row per (card, K): the card's
 metrics at K, the evaluated run and that run's Hydra overrides. The run is the training run that wrote
@@ -387,7 +387,7 @@ def write_report(records: Sequence[Mapping[str, Any]], out: str | Path, source: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mergevq.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mergevq.entries.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a sweep dir (multirun/...) or any folder of runs")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: ROOT)")
     args = parser.parse_args(argv)
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = collect(args.root)
     if not records:
         print(f"error: no {CARD_NAME} under {args.root}: evaluate the runs first "
-              "(python -m mergevq.evaluate ckpt=<run dir>, or mergevq.probe)", file=sys.stderr)
+              "(python -m mergevq.entries.evaluate ckpt=<run dir>, or mergevq.entries.probe)", file=sys.stderr)
         return 1
     written = write_report(records, args.out or args.root, source=args.root)
     print(markdown_table(records))
