@@ -359,3 +359,13 @@ def test_two_real_processes_on_one_run_dir(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_demo_report_of_a_directory_without_a_run_is_one_line(tmp_path, capsys):
+    from mergevq.entries.demo_report import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nothing")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2
+    assert "no validation results yet" in lines[-1] and "make demo" in lines[-1]

@@ -34,6 +34,25 @@ def test_one_console_script_per_command():
         assert callable(getattr(importlib.import_module(module), function)), target
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, expected", [
+    ("mergevq-summary", ["tokenizer=tiny"], "quantizer_bits"),
+    ("mergevq-train-tokenizer", ["--cfg", "job", "tokenizer=tiny"], "max_steps"),
+])
+def test_console_scripts_run_from_any_directory(tmp_path, script, args, expected):
+    """The installed scripts find the configs (Hydra's config path must not depend on how the entry was started)."""
+    import subprocess
+    import sys
+
+    from helpers.entries import describe, subprocess_env
+
+    executable = Path(sys.executable).parent / script
+    assert executable.exists(), f"{executable} missing: reinstall the package (make install)"
+    proc = subprocess.run([str(executable), *args], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and expected in proc.stdout, describe(proc)
+
+
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_named_module_exists(document):
     """`python -m mergevq.X` (and `mergevq.X` in help texts, sweep YAMLs and launch scripts) name modules that exist."""

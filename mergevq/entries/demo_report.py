@@ -10,10 +10,10 @@ generator), RUN_DIR/generation.json (one object per generator sampled in RUN_DIR
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 
 
@@ -84,8 +84,15 @@ def report(run_dir: Path) -> tuple[Path, Path]:
     return markdown, grid
 
 
-def main() -> None:
-    report(Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo"))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mergevq.entries.demo_report",
+                                     description="Summarise a `make demo` run directory (per-K table, generation rows).")
+    parser.add_argument("run_dir", nargs="?", default="outputs/demo")
+    args = parser.parse_args(argv)
+    try:
+        report(Path(args.run_dir))
+    except FileNotFoundError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

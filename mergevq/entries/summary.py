@@ -95,7 +95,9 @@ def main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    @hydra.main(config_path="../../conf", config_name="summary", version_base="1.3")
+    from .cli import CONF_DIR
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="summary", version_base="1.3")
     def run(cfg) -> None:
         config = OmegaConf.to_container(cfg, resolve=True)
         result = summarize(config["tokenizer"], config.get("variant"), config.get("keep"))

@@ -28,8 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
 from mergevq.runs.integrity import sha256_file  # noqa: F401 (re-exported)
+
+from .atomic import atomic_write_text
 
 JSON_NAME, MD_NAME = "eval_card.json", "eval_card.md"
 REQUIRED = (

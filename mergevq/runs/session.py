@@ -34,9 +34,9 @@ from .checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
+from .faults import fault_point
 from .provenance import git_sha, write_provenance
 from .runlock import RunLock
-from .faults import fault_point
 
 # Config entries that describe the run, not the model: left out of "checkpoint of another config" hints.
 _RUN_KEYS = ("run_dir", "resume", "overrides", "train", "logger", "backend", "data", "task", "seed", "codes")
