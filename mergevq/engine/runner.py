@@ -1,7 +1,6 @@
 """What every training job shares: the Accelerator from the ``backend`` config, seeding, the data
-loader with resumable, seeded sampling, the non-finite step guard (the keep-K draw is
-``mergevq.models.keep.KeepPolicy.draw``; the
-fault-injection test hook lives in ``mergevq.runs.faults``).
+loader with resumable, seeded sampling, and the non-finite step guard. The keep-K draw is
+``mergevq.models.keep.KeepPolicy.draw``; the fault-injection test hook is ``mergevq.runs.faults``.
 """
 
 from __future__ import annotations
