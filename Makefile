@@ -7,7 +7,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook check-docs
+.PHONY: help install test test-all lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook check-docs study
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
 # make reconstruct's default input: the two photos scikit-learn ships (china.jpg, flower.jpg)
@@ -53,6 +53,9 @@ demo: $(STAMP) ## the whole pipeline on the CPU (about 30 minutes): tokenizer, r
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_raster per_class=20 evaluate.enabled=true evaluate.num_reference=1000
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar per_class=20 keep=25 evaluate.enabled=true evaluate.num_reference=1000
 	$(PY) -m mergevq.entries.demo_report $(DEMO_DIR)
+
+study: $(STAMP) ## the small-scale reproduction study into docs/results (about an hour on 2 CPU cores; GPU: ARGS="scale=gpu backend=gpu")
+	$(PY) -m mergevq.entries.study $(ARGS)
 
 eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps=[16,36,64] num_images=1000"]
 	$(PY) -m mergevq.entries.evaluate ckpt=$(CKPT) $(ARGS)
