@@ -21,8 +21,8 @@ from mergevq.runs.restore import load_trained_tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ("recovery.width=32", "recovery.num_heads=2")
-STEPS = 40
-COMMON = (*BASE, "recovery.standalone=true", *SMALL, "recovery.optimizer.lr=3e-3", "train.keep_candidates=[16]",
+STEPS = 24
+COMMON = (*BASE, "recovery.standalone=true", *SMALL, "recovery.optimizer.lr=1e-2", "train.keep_candidates=[16]",
           "train.val_keeps=[16]", "train.val_every=1000")
 STANDALONE = (*COMMON, f"train.max_steps={STEPS}", f"train.ckpt_every={STEPS}")
 
@@ -57,9 +57,9 @@ def test_recovery_loss_goes_down_and_accuracy_up(standalone_run):
     assert len(rows) == STEPS and {r["train/keep"] for r in rows} == {16.0}
     first, last = rows[:5], rows[-5:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    assert mean(last, "train/recovery") < 0.7 * mean(first, "train/recovery")
+    assert mean(last, "train/recovery") < 0.9 * mean(first, "train/recovery")
     assert mean(last, "train/recovery_acc") > mean(first, "train/recovery_acc") + 0.1
-    assert rows[0]["train/lr"] == pytest.approx(3e-3)  # recovery.optimizer.lr, not train.lr
+    assert rows[0]["train/lr"] == pytest.approx(1e-2)  # recovery.optimizer.lr, not train.lr
     (val,) = read_csv(standalone_run / "val_per_k.csv")
     assert int(float(val["keep"])) == 16 and 0 < float(val["recovery_accuracy"]) <= 1
 
@@ -89,6 +89,8 @@ def test_evaluate_reports_recovery_on_the_standalone_run(standalone_run, tmp_pat
     card = json.loads((tmp_path / "eval" / "eval_card.json").read_text())
     row = card["metrics"]["16"]
     assert 0 < row["recovery_accuracy"] <= 1 and "psnr_recovered" in row and "psnr" in row
+    (val,) = read_csv(standalone_run / "val_per_k.csv")  # the run's own validation: the same 4 held-out images
+    assert row["recovery_accuracy"] == pytest.approx(float(val["recovery_accuracy"]))
 
 
 def test_standalone_adopts_the_frozen_architecture(tmp_path, source):
