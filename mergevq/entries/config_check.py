@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 
 def _require_path(key: str, value: Any, what: str) -> None:
@@ -55,6 +55,8 @@ TRAIN_VALUES: dict[str, tuple[Any, str, bool]] = {
     "train.max_bad_steps": (*_integer(1), False),
     "train.interrupt_at": (*_integer(1), True),
     "num_classes": (*_integer(1), False),
+    "recovery.optimizer.lr": (*_number(0, open_low=True), False),
+    "recovery.optimizer.weight_decay": (*_number(0), False),
 }
 SAMPLE_VALUES: dict[str, tuple[Any, str, bool]] = {
     "seed": (*_integer(0), False),
@@ -183,7 +185,8 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
     if tokenizer.get("encoder_init"):
         _require_path("tokenizer.encoder_init", tokenizer["encoder_init"], "a timm DINOv2 ViT state dict")
     perceptual = cfg["loss"].get("perceptual", {})
-    if cfg["loss"].get("perceptual_weight", 0) > 0 and perceptual.get("pretrained", True):
+    standalone = bool(cfg.get("recovery", {}).get("standalone"))  # no reconstruction loss: no VGG needed
+    if not standalone and cfg["loss"].get("perceptual_weight", 0) > 0 and perceptual.get("pretrained", True):
         from ..losses.perceptual import hub_vgg16_path
 
         path = perceptual.get("backbone_weights") or hub_vgg16_path()
@@ -196,6 +199,49 @@ def check_tokenizer_run(cfg: Mapping[str, Any], world_size: int = 1) -> None:
         raise ConfigError(f"logger.kind={cfg['logger']['kind']} is unknown: use logger=wandb|csv|none")
     if cfg.get("resume", "auto") not in ("auto", "never") and not Path(str(cfg["resume"])).is_dir():
         raise ConfigError(f"resume={cfg['resume']} is not a checkpoint directory: use resume=auto|never|<dir>")
+
+
+RECOVERY_SHAPE = ("width", "depth", "num_heads", "drop_path", "key_positions")
+_FROZEN = "recovery.tokenizer=<tokenizer run directory or its checkpoints/step_* directory>"
+
+
+def standalone_recovery_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``recovery.standalone=true``: the run config with the frozen tokenizer's architecture (tokenizer,
+    variant, quantizer; its recovery module's shape when it has one) from ``recovery.tokenizer``'s run,
+    that path pinned to the absolute checkpoint directory and ``recovery.enabled`` on; ``data.size`` and
+    ``data.align_size`` follow the frozen tokenizer where they follow the composed one (their default).
+    No weights are read."""
+    from ..runs.restore import WEIGHT_NAMES
+
+    recovery = dict(cfg["recovery"])
+    value = recovery.get("tokenizer")
+    if value in (None, "", "???"):
+        raise ConfigError(f"recovery.standalone=true trains Source Recovery on a frozen tokenizer, and none is given: set {_FROZEN}")
+    if not Path(str(value)).expanduser().exists():
+        raise ConfigError(f"recovery.tokenizer={value} does not exist: set {_FROZEN}")
+    if recovery.get("tokenizer_weights", "ema") not in WEIGHT_NAMES:
+        raise ConfigError(f"recovery.tokenizer_weights={recovery['tokenizer_weights']!r}: use ema or raw")
+    try:
+        checkpoint, source = _checkpoint("recovery.tokenizer", value, "tokenizer", "recovery.standalone=true")
+    except UserError as error:
+        raise ConfigError(f"recovery.tokenizer={value}: {error}") from None
+    if source["tokenizer"].get("kind", "mergevq") != "mergevq":
+        raise ConfigError(f"recovery.tokenizer={value} is a {source['tokenizer']['kind']} tokenizer, which does not merge "
+                          "tokens (nothing to recover): give a MergeVQ tokenizer run")
+    data = dict(cfg["data"])
+    for key, follows in (("size", "resolution"), ("align_size", "align_size")):
+        if data.get(key) == cfg["tokenizer"].get(follows):  # the default follows the tokenizer: the frozen one's
+            data[key] = source["data"][key]
+    if data["size"] != source["data"]["size"]:
+        raise ConfigError(f"data.size={data['size']} but the tokenizer of recovery.tokenizer={value} was trained at "
+                          f"{source['data']['size']} px: set data.size={source['data']['size']}")
+    stored = source.get("recovery") or {}
+    if stored.get("enabled"):  # train its module further: the shape must be the stored one
+        recovery.update({key: stored[key] for key in RECOVERY_SHAPE if key in stored})
+    recovery.update(enabled=True, tokenizer=str(checkpoint.resolve()))
+    tokenizer = {**source["tokenizer"], "encoder_init": None}  # an init, not architecture: the weights are the run's
+    return {**cfg, "tokenizer": tokenizer, "variant": source["variant"], "quantizer": source["quantizer"],
+            "recovery": recovery, "data": data}
 
 
 def check_ar_run(cfg: Mapping[str, Any]) -> None:

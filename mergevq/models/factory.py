@@ -91,6 +91,19 @@ def build_quantizer(quantizer: Mapping[str, Any] | None, bits: int) -> LFQ:
     return LFQ(**options)
 
 
+def build_recovery(recovery: Mapping[str, Any], num_positions: int, z_channels: int) -> SourceRecovery:
+    """A fresh Source Recovery module from the ``recovery`` config (width, depth, num_heads, ...)."""
+    return SourceRecovery(
+        num_positions,
+        z_channels=z_channels,
+        width=recovery.get("width", 384),
+        depth=recovery.get("depth", 2),
+        num_heads=recovery.get("num_heads", 8),
+        drop_path=recovery.get("drop_path", 0.0),
+        key_positions=recovery.get("key_positions", True),
+    )
+
+
 def build_tokenizer(
     tokenizer: Mapping[str, Any],
     variant: Mapping[str, Any] | None = None,
@@ -113,15 +126,7 @@ def build_tokenizer(
         weight_selection_init(encoder.transformer, load_teacher_state(tokenizer["encoder_init"]))
     source_recovery = None
     if recovery and recovery.get("enabled"):
-        source_recovery = SourceRecovery(
-            spec["num_positions"],
-            z_channels=tokenizer["z_channels"],
-            width=recovery.get("width", 384),
-            depth=recovery.get("depth", 2),
-            num_heads=recovery.get("num_heads", 8),
-            drop_path=recovery.get("drop_path", 0.0),
-            key_positions=recovery.get("key_positions", True),
-        )
+        source_recovery = build_recovery(recovery, spec["num_positions"], tokenizer["z_channels"])
     tok = MergeVQTokenizer(
         encoder,
         MergeVQDecoder(**spec["decoder"]),

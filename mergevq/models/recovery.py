@@ -97,27 +97,34 @@ def recovery_loss(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), groups.flatten())
 
 
+@torch.no_grad()
+def recovery_targets(tokenizer: nn.Module, images: torch.Tensor, keep: int | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What Source Recovery learns from, by the (frozen) tokenizer: images [B, 3, H, W] at K ->
+    (code vectors z_q [B, K, z] in canonical order, the groups' first positions [B, K], true groups [B, L])."""
+    from .positions import group_starts
+
+    tokens = tokenizer.encode(images, keep)
+    z_q = tokenizer.quantizer.code_vectors(tokens.codes)
+    return z_q, group_starts(tokens.groups, z_q.shape[1]), tokens.groups
+
+
 def fit_recovery(tokenizer: nn.Module, images: torch.Tensor, keep: int, steps: int, lr: float = 1e-4,
                  weight_decay: float = 1e-2, betas: tuple[float, float] = (0.9, 0.95)) -> list[tuple[float, float]]:
     """Train only ``tokenizer.recovery`` on a frozen tokenizer's groups for images [B, 3, H, W] at K
     (Table A2's optimizer: AdamW (0.9, 0.95), wd 1e-2, lr 1e-4) -> [(loss, accuracy)] per step."""
-    from .positions import group_starts
-
     if tokenizer.recovery is None:
         raise ValueError("the tokenizer has no Source Recovery module (recovery.enabled=true)")
-    with torch.no_grad():
-        tokens = tokenizer.encode(images, keep)
-        z_q = tokenizer.quantizer.code_vectors(tokens.codes)
-    starts = group_starts(tokens.groups, z_q.shape[1])
+    z_q, starts, groups = recovery_targets(tokenizer, images, keep)
     module = tokenizer.recovery.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     history = []
     for _ in range(steps):
         logits = module(z_q, starts)
-        loss = recovery_loss(logits, tokens.groups)
+        loss = recovery_loss(logits, groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append((float(loss.detach()), float((logits.argmax(-1) == tokens.groups).float().mean())))
+        history.append((float(loss.detach()), float((logits.argmax(-1) == groups).float().mean())))
     module.eval()
     return history
