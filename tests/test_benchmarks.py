@@ -129,3 +129,13 @@ def test_entry_point_writes_json(tmp_path):
     for key in ("raster_tokens_per_s", "mergear_tokens_per_s", "raster_kv_bytes", "mergear_kv_bytes", "cache_ratio"):
         assert row[key] > 0
     assert row["mergear_kv_bytes"] < row["raster_kv_bytes"]
+
+
+def test_path_selection_always_keeps_the_literal_reference():
+    from mergevq.benchmarks.__main__ import parse_args
+
+    args = parse_args(["--paths", "fast,fast_ckpt", "--no-components", "--device", "cpu"])
+    assert args.step_paths == ["fast", "fast_ckpt", "reference"] and args.components is False
+    assert parse_args(["--device", "cpu"]).step_paths == ["fast", "fast_ckpt", "fast_ckpt_bf16", "reference"]
+    with pytest.raises(SystemExit):
+        parse_args(["--paths", "fastest", "--device", "cpu"])

@@ -36,7 +36,7 @@ def test_plan_covers_every_variant_route_and_sweep():
     assert keeps == [k for k in reachable_keeps(256, 4) if round(k ** 0.5) ** 2 == k] and keeps[0] == 36
     train_gr = next(s for s in stages if s.name == "train_gr")
     assert train_gr.resumes and train_gr.expects.endswith(f"step_{config['scale']['tokenizer_steps']:08d}")
-    assert "backend=cpu" in train_gr.args and "train.max_steps=300" in train_gr.args
+    assert "backend=cpu" in train_gr.args and f"train.max_steps={config['scale']['tokenizer_steps']}" in train_gr.args
     assert "num_classes=10" in next(s for s in stages if s.name == "ar_randar").args
 
 
@@ -109,7 +109,7 @@ def test_results_writer_gives_every_table_plot_and_json(tmp_path):
 @pytest.mark.slow
 def test_make_study_at_smoke_scale_writes_every_table_and_plot(tmp_path):
     """The make target as printed, a few steps per stage: every table and plot; a second run skips every stage."""
-    args = (f"scale=smoke data=photos num_classes=11 variants=[gr] work_dir={tmp_path / 'work'} "
+    args = (f"scale=smoke data=photos num_classes=11 variants=[gr] features=random work_dir={tmp_path / 'work'} "
             f"results_dir={tmp_path / 'results'}")
     env = subprocess_env()
     proc = subprocess.run(["make", "study", f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -121,10 +121,13 @@ def test_make_study_at_smoke_scale_writes_every_table_and_plot(tmp_path):
                  "sweep_merge_ratio/rfid_vs_k.png", "sweep_codebook/usage_vs_bits.png"):
         assert (results / plot).stat().st_size > 1000, plot
     text = (results / "README.md").read_text()
-    assert "(no rows" not in text and "did not run" not in text
+    assert "(no rows" not in text and "did not run" not in text and "untrained, randomly initialised" in text
     assert len(json.loads((results / "generation.json").read_text())["rows"]) == 4
     again = subprocess.run(["make", "study", f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == len(study.plan(_config("variants=[gr]")))
+    refused = subprocess.run(["make", "study", f"ARGS={args.replace('features=random', 'features=inception')}"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "holds a study with other settings (features differs)" in refused.stderr
 
 
 def test_work_dir_of_another_study_is_refused(tmp_path):

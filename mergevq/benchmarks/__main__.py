@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="outputs/bench/bench.json")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 3 CPU tiny, 2 CPU d64, 10 CUDA)")
     parser.add_argument("--variants", default=None, help="tokenizer-step variants (default g,gr)")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"tokenizer-step paths (default {','.join(PATHS)}; "
+                        "the literal 'reference' is always measured: the speed-ups are against it)")
+    parser.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
+                        help="tokenizer suite: also time each component alone")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off for CPU, as the backends)")
     parser.add_argument("--strict-memory", action="store_true",
@@ -67,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (10 if cuda else (3 if args.size == "tiny" else 2))
     args.amp = cuda if args.amp is None else args.amp
     args.step_variants = args.variants.split(",") if args.variants else list(STEP_VARIANTS)
+    args.step_paths = [p.strip() for p in args.paths.split(",")]
+    if any(p not in PATHS for p in args.step_paths):
+        parser.error(f"--paths {args.paths}: use a comma list of {', '.join(PATHS)}")
+    if "reference" not in args.step_paths:
+        args.step_paths.append("reference")
     args.ar_size = args.ar_size or ("b" if args.size != "tiny" and cuda else "tiny")
     return args
 
@@ -98,7 +107,7 @@ def step_results(args, variants, paths, memory: bool) -> list[dict[str, Any]]:
 
 
 def tokenizer_suite(args) -> dict[str, Any]:
-    rows = step_results(args, args.step_variants, PATHS, memory=True)
+    rows = step_results(args, args.step_variants, args.step_paths, memory=True)
     comparisons = []
     for variant in args.step_variants:
         ref = next(r for r in rows if r["variant"] == variant and r["path"] == "reference")
@@ -113,7 +122,8 @@ def tokenizer_suite(args) -> dict[str, Any]:
             })
     return {"rows": rows, "comparisons": comparisons,
             "components": components.run(args.size, args.step_variants, args.device, args.batch,
-                                         args.repeats if args.device == "cuda" else min(args.repeats, 2), args.amp),
+                                         args.repeats if args.device == "cuda" else min(args.repeats, 2), args.amp)
+            if args.components else None,
             "goal": "fast >= 2x faster and <= 0.3x peak memory of the literal path"}
 
 
@@ -134,7 +144,8 @@ def render_tokenizer(result: dict[str, Any]) -> str:
                  ("max_abs_loss_diff", "max |loss diff|")]
     text += "\n" + common.table("Fast / literal", comp_cols, result["comparisons"],
                                 {"speedup": ".2f", "speedup_median": ".2f", "step_peak_ratio": ".3f", "peak_ratio": ".3f", "max_abs_loss_diff": ".2e"})
-    return text + f"\ngoal: {result['goal']}\n\n" + components.render(result["components"])
+    text += f"\ngoal: {result['goal']}\n\n"
+    return text + (components.render(result["components"]) if result["components"] is not None else "")
 
 
 # --------------------------------------------------------------------------- AR

@@ -74,7 +74,7 @@ def sweep_jobs(sweep_dir: Path) -> list[str]:
 def plan(config: Mapping[str, Any]) -> list[Stage]:
     """The study's stages, in the order they run."""
     scale = config["scale"]
-    common = [f"backend={config['backend']}", *config.get("extra", [])]
+    common = [f"backend={config['backend']['name']}", *config.get("extra", [])]
     tokenizer_common = [
         f"experiment={config['base_experiment']}", f"data={config['data']}", f"seed={config['seed']}",
         f"train.max_steps={scale['tokenizer_steps']}", f"loss.disc_start={scale['disc_start']}",
@@ -89,7 +89,8 @@ def plan(config: Mapping[str, Any]) -> list[Stage]:
                                                                      *tokenizer_common],
                             run, f"{run}/checkpoints/step_{scale['tokenizer_steps']:08d}", resumes=True, group="reconstruction"))
         stages.append(Stage(f"evaluate_{variant}", "evaluate", [f"ckpt={{work}}/{run}", f"keeps={_list(keeps)}",
-                                                              f"num_images={scale['eval_images']}", "lpips.enabled=false", *common],
+                                                              f"num_images={scale['eval_images']}", "lpips.enabled=false",
+                                                              f"features={config['features']}", *common],
                             f"{run}/eval", f"{run}/eval/eval_card.json", group="reconstruction"))
         probe = scale["probe"]
         stages.append(Stage(f"probe_{variant}", "probe", [f"ckpt={{work}}/{run}", f"keeps={_list(keeps)}",
@@ -125,6 +126,7 @@ def generation_stages(config: Mapping[str, Any], common: list[str]) -> list[Stag
         stages.append(Stage(name, "train_ar", [f"experiment={preset}", f"codes={{work}}/{codes}", f"generator={generator}", *ar_common],
                             name, f"{name}/checkpoints/step_{scale['ar_steps']:08d}", resumes=True, group="generation"))
     sample_common = [f"per_class={scale['per_class']}", "evaluate.enabled=true", f"evaluate.num_reference={scale['num_reference']}",
+                     f"evaluate.features={config['features']}",
                      "progress=false", "batch_size=50", *common]
     for name, run, extra in (("samples_raster", "ar_raster", []),
                              ("samples_mergear_strict", "ar_mergear", [f"keep={keep}", "budget=strict"]),
@@ -152,7 +154,7 @@ def sweep_stages(sweep: str, config: Mapping[str, Any], tokenizer_common: list[s
     def evaluate_args(work: Path) -> list[str]:
         jobs = ",".join(sweep_jobs(work / out))
         return ["-m", f"ckpt={jobs}", f"keeps={_list(SWEEP_KEEPS[sweep])}", f"num_images={scale['sweep_eval_images']}",
-                "lpips.enabled=false", f"backend={config['backend']}"]
+                "lpips.enabled=false", f"features={config['features']}", f"backend={config['backend']['name']}"]
 
     return [
         Stage(f"sweep_{sweep}", "train_tokenizer", train, out, f"{out}/0/checkpoints", sweep=True, resumes=True, group="sweeps"),
@@ -204,7 +206,8 @@ def check_work_dir(work: Path, config: Mapping[str, Any]) -> None:
     match later ones (otherwise finished stages of another study would be skipped as if they were these)."""
     from ..errors import UserError
 
-    keys = ("scale", "backend", "data", "num_classes", "base_experiment", "variants", "generation_variant", "seed", "extra")
+    keys = ("scale", "backend", "data", "num_classes", "base_experiment", "variants", "generation_variant", "seed",
+            "features", "extra")
     current = json.loads(json.dumps({k: config.get(k) for k in keys}))
     stored_path = work / "study.json"
     if not stored_path.is_file():

@@ -243,9 +243,10 @@ def header(config: Mapping[str, Any], work: Path, times: Mapping[str, Any]) -> d
     scale = config["scale"]
     total = sum(t["seconds"] for t in times.values())
     return {
-        "command": f"make study ARGS=\"scale={scale['name']} backend={config['backend']}\"",
+        "command": f"make study ARGS=\"scale={scale['name']} backend={config['backend']['name']}\"",
         "commit": git_sha(), "hardware": {k: env[k] for k in ("platform", "cpu_count", "torch", "cuda_devices")},
-        "seed": config["seed"], "data": config["data"], "scale": scale, "stage_seconds": dict(times),
+        "seed": config["seed"], "data": config["data"], "features": config.get("features", "inception"), "scale": scale,
+        "stage_seconds": dict(times),
         "total_minutes": round(total / 60, 1), "work_dir": str(work),
     }
 
@@ -313,6 +314,9 @@ def readme_text(meta: Mapping[str, Any], tables: Mapping[str, list], plots: Mapp
         f"({scale['eval_images']} held-out images per K; {samples} generated samples against {reference} held-out "
         f"images), so they are large and move by a few points between runs. Each table's JSON (with this header: "
         f"commit, hardware, seed, scale, stage times) lies beside this file.",
+        *([] if meta.get("features", "inception") == "inception" else [
+            "", f"**features={meta['features']}: rFID and gFID here come from an untrained, randomly initialised network "
+                "(a smoke run): they are not FIDs and say nothing about the method.**"]),
         "",
         f"Tokenizers: G, G+R and R at `tokenizer=tiny`, {scale['tokenizer_steps']} steps each (batch 16, the "
         f"`demo_tiny` recipe with Source Recovery on). Generators: `ar=tiny`, {scale['ar_steps']} steps each on the "
