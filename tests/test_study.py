@@ -109,7 +109,7 @@ def test_results_writer_gives_every_table_plot_and_json(tmp_path):
 @pytest.mark.slow
 def test_make_study_at_smoke_scale_writes_every_table_and_plot(tmp_path):
     """The make target as printed, a few steps per stage: every table and plot; a second run skips every stage."""
-    args = (f"scale=smoke data=photos num_classes=11 variants=[gr] features=random work_dir={tmp_path / 'work'} "
+    args = (f"scale=smoke dataset=photos num_classes=11 variants=[gr] features=random work_dir={tmp_path / 'work'} "
             f"results_dir={tmp_path / 'results'}")
     env = subprocess_env()
     proc = subprocess.run(["make", "study", f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

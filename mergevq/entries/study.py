@@ -76,7 +76,7 @@ def plan(config: Mapping[str, Any]) -> list[Stage]:
     scale = config["scale"]
     common = [f"backend={config['backend']['name']}", *config.get("extra", [])]
     tokenizer_common = [
-        f"experiment={config['base_experiment']}", f"data={config['data']}", f"seed={config['seed']}",
+        f"experiment={config['base_experiment']}", f"data={config['dataset']}", f"seed={config['seed']}",
         f"train.max_steps={scale['tokenizer_steps']}", f"loss.disc_start={scale['disc_start']}",
         f"train.val_every={scale['tokenizer_steps']}", f"train.ckpt_every={scale['tokenizer_steps']}",
         "train.progress=false", *common,
@@ -206,7 +206,7 @@ def check_work_dir(work: Path, config: Mapping[str, Any]) -> None:
     match later ones (otherwise finished stages of another study would be skipped as if they were these)."""
     from ..errors import UserError
 
-    keys = ("scale", "backend", "data", "num_classes", "base_experiment", "variants", "generation_variant", "seed",
+    keys = ("scale", "backend", "dataset", "num_classes", "base_experiment", "variants", "generation_variant", "seed",
             "features", "extra")
     current = json.loads(json.dumps({k: config.get(k) for k in keys}))
     stored_path = work / "study.json"

@@ -245,7 +245,7 @@ def header(config: Mapping[str, Any], work: Path, times: Mapping[str, Any]) -> d
     return {
         "command": f"make study ARGS=\"scale={scale['name']} backend={config['backend']['name']}\"",
         "commit": git_sha(), "hardware": {k: env[k] for k in ("platform", "cpu_count", "torch", "cuda_devices")},
-        "seed": config["seed"], "data": config["data"], "features": config.get("features", "inception"), "scale": scale,
+        "seed": config["seed"], "data": config["dataset"], "features": config.get("features", "inception"), "scale": scale,
         "stage_seconds": dict(times),
         "total_minutes": round(total / 60, 1), "work_dir": str(work),
     }
