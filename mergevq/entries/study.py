@@ -48,17 +48,17 @@ class Stage:
     group: str = field(default="", compare=False)
 
 
-def reachable_square_keeps(variant: str, config: Mapping[str, Any]) -> list[int]:
+def evaluation_keeps(variant: str) -> list[int]:
     """Every square K the variant's tiny merge schedule reaches (the study's evaluation keeps)."""
     import yaml
 
     from ..models.factory import layout
-    from ..models.merge import reachable_keeps
     from .cli import CONF_DIR
+    from .pretokenize import reachable_square_keeps
 
     tokenizer = yaml.safe_load((CONF_DIR / "tokenizer" / "tiny.yaml").read_text())
-    spec = layout(tokenizer, yaml.safe_load((CONF_DIR / "variant" / f"{variant}.yaml").read_text()))
-    return [k for k in reachable_keeps(spec["num_positions"], tokenizer["depth"]) if round(k ** 0.5) ** 2 == k]
+    positions = layout(tokenizer, yaml.safe_load((CONF_DIR / "variant" / f"{variant}.yaml").read_text()))["num_positions"]
+    return reachable_square_keeps(positions, tokenizer["depth"], 1, positions)
 
 
 def _list(values: Sequence[Any]) -> str:
@@ -83,7 +83,7 @@ def plan(config: Mapping[str, Any]) -> list[Stage]:
     ]
     stages: list[Stage] = []
     for variant in config["variants"]:
-        keeps = reachable_square_keeps(variant, config)
+        keeps = evaluation_keeps(variant)
         run = f"tok_{variant}"
         stages.append(Stage(f"train_{variant}", "train_tokenizer", [f"variant={variant}", f"train.val_keeps={_list(keeps)}",
                                                                      *tokenizer_common],
