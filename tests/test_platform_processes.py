@@ -1,7 +1,7 @@
 """Real processes: a killed and resumed tiny run keeps one W&B run with a continuous step history, and
 two invocations of launch/multinode.sh (node ranks 0 and 1 on 127.0.0.1, one CPU process each; by
-arguments, then through the SLURM variables) form one world-size-2 job with the losses of a
-single-node 2-process run."""
+arguments) form one world-size-2 job with the losses of a single-node 2-process run; the SLURM
+variables give the same two commands."""
 
 from __future__ import annotations
 
@@ -139,9 +139,12 @@ def test_two_nodes_on_this_machine_equal_one_node_with_two_processes(tmp_path):
     assert losses(by_hand) == reference
     assert '"world_size": 2' in (by_hand / "environment.json").read_text()
 
-    slurm = tmp_path / "slurm"  # no options: everything from the SLURM variables
-    port = str(free_port())
-    wait_all([multinode(rank, 0, slurm, SLURM_NNODES="2", SLURM_NODEID=str(rank), SLURM_GPUS_ON_NODE="1",
-                        SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", SLURM_JOB_ID="4242", MASTER_PORT=port)
-              for rank in (0, 1)])
-    assert losses(slurm) == reference
+    # no options: everything from the SLURM variables gives, per node, the command that just ran by hand
+    for rank in (0, 1):
+        slurm = multinode(rank, 0, by_hand, "--dry-run", SLURM_NNODES="2", SLURM_NODEID=str(rank),
+                          SLURM_GPUS_ON_NODE="1", SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", SLURM_JOB_ID="4242",
+                          MASTER_PORT=port)
+        hand = multinode(rank, 0, by_hand, "--dry-run", "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
+                         "127.0.0.1", "--master-port", port, "--nproc-per-node", "1")
+        printed = [proc.communicate(timeout=60)[0] for proc in (slurm, hand)]
+        assert printed[0] == printed[1] and f"--machine_rank {rank}" in printed[0], printed

@@ -246,4 +246,8 @@ def test_randar_benchmark_reports_passes_and_cache(tmp_path):
                              "--window", "4", "--out", str(tmp_path / "b.json")])
     assert row["randar_passes_per_image"] == 13 < row["raster_passes_per_image"] == 64  # ceil(36 * 88 / 256)
     assert row["randar_peak_kv_entries"] <= 2 * 36 and row["randar_kv_slots_allocated"] == 72
-    assert row["randar_images_per_s"] > 0 and row["randar_speedup_vs_raster"] > 0
+    # entries held between steps, as sampling.json reports them: P + L - 2 (the last token is never fed); <= P + K + w
+    assert row["raster_peak_kv_entries"] == 1 + 64 - 2 and row["mergear_peak_kv_entries"] <= 2 + 36 + 4
+    assert row["raster_tokens_per_s"] == pytest.approx(64 * row["raster_images_per_s"])  # generated tokens: L vs K
+    assert row["randar_tokens_per_s"] == pytest.approx(36 * row["randar_images_per_s"])
+    assert row["randar_speedup_vs_raster"] == pytest.approx(row["randar_images_per_s"] / row["raster_images_per_s"])

@@ -1,12 +1,16 @@
-"""Benchmark (not a test): raster AR vs MergeAR vs RandAR sampling at the same model size and K.
+"""Benchmark (not a test): raster AR vs MergeAR vs RandAR generation at the same model size and K.
 
     python -m mergevq.benchmarks.ar_randar [--size tiny] [--grids 16,32] [--keeps 144,256] [--steps auto]
 
-Raster and MergeAR decode the L positions (``ar_cache.bench``: one forward pass per position); RandAR
-decodes the K merged tokens in ``--steps`` forward passes (auto: 64 for K = 144, 88 for K = 256, else
-ceil(K * 88 / 256)) with the same weights. Reports forward passes per image, tokens/s (generated
-tokens: L for raster / MergeAR, K for RandAR), images/s, peak KV entries and bytes; best of
-``--repeats`` after a warm-up. Writes JSON (default outputs/bench/ar_randar.json).
+Each route samples whole images the way ``mergevq.sample`` does (model passes, the factorised heads,
+top-k / multinomial sampling), with the same weights wherever the shapes agree:
+raster generates the L codes in L passes; MergeAR the L positions of a K-group sequence in L passes
+(``budget=strict``: exactly K groups, eviction window ``--window``); RandAR the K merged tokens in
+``--steps`` passes (auto: 64 for K = 144, 88 for K = 256, else ceil(K * 88 / 256)). Decoding to pixels
+is not included. Reports forward passes per image, tokens/s (generated tokens: L for raster /
+MergeAR, K for RandAR), images/s, peak KV entries and bytes: the fastest of ``--repeats`` rounds
+after one warm-up, the routes interleaved within a round so load changes hit all of them alike.
+Writes JSON (default outputs/bench/ar_randar.json). ``ar_cache`` measures the caches alone.
 """
 
 from __future__ import annotations
@@ -14,49 +18,87 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..models.gpt import gpt_args
+from ..models.generate import generate
+from ..models.gpt import GPT, gpt_args
+from ..models.mergear import MergeARConfig
 from ..models.positions import default_steps, uniform_positions
 from ..models.randar import RandAR, generate_randar
 from . import ar_cache
 
+ROUTES = ("raster", "mergear", "randar")
 
-def time_randar(model: RandAR, batch: int, keep: int, steps: int, repeats: int, device: str) -> tuple[float, dict]:
-    """Fastest of ``repeats`` RandAR decodes (after one warm-up) -> (seconds, stats)."""
-    generator = torch.Generator().manual_seed(0)
+
+def route_models(size: str, side: int, keep: int, device: str) -> dict[str, GPT]:
+    """The three generators on an L = side^2 grid, sharing the raster model's weights where shapes agree."""
+    base = gpt_args(size, grid=(side, side), num_classes=10)
+    raster = GPT(base).eval()
+    mergear = GPT(MergeARConfig(keep_options=(keep,), copy_head=True).model_args(base)).eval()
+    randar = RandAR(base).eval()
+    for model in (mergear, randar):
+        model.load_state_dict(raster.state_dict(), strict=False)
+    return {"raster": raster.to(device), "mergear": mergear.to(device), "randar": randar.to(device)}
+
+
+def route_samplers(models: dict[str, GPT], batch: int, keep: int, steps: int, window: int, cfg_scale: float,
+                   device: str) -> dict[str, Callable[[int], dict]]:
+    """route -> sample(seed) -> generation stats (peak_cache, steps, ...)."""
     labels = torch.zeros(batch, dtype=torch.long, device=device)
-    positions = uniform_positions(batch, keep, model.args.seq_len, generator).to(device)
-    runs = []
-    for i in range(max(repeats, 1) + 1):
-        ar_cache._sync(torch.device(device))
-        start = time.perf_counter()
-        _, stats = generate_randar(model, labels, positions, steps, seed=i)
-        ar_cache._sync(torch.device(device))
-        runs.append((time.perf_counter() - start, stats))
-    return min(runs[1:], key=lambda run: run[0])
+    length = models["raster"].args.seq_len
+    positions = uniform_positions(batch, keep, length, torch.Generator().manual_seed(0)).to(device)
+    options = {"cfg_scale": cfg_scale}
+    return {
+        "raster": lambda seed: generate(models["raster"], labels, seed=seed, **options)[1],
+        "mergear": lambda seed: generate(models["mergear"], labels, seed=seed, keep=0, mergear=True, window=window,
+                                         budget="strict", budget_keep=keep, **options)[1],
+        "randar": lambda seed: generate_randar(models["randar"], labels, positions, steps, seed=seed, **options)[1],
+    }
+
+
+def fastest(samplers: dict[str, Callable[[int], dict]], repeats: int, device: str) -> dict[str, tuple[float, dict]]:
+    """One untimed warm-up per route, then ``repeats`` interleaved rounds -> route: (seconds, stats) of its
+    fastest run (device synchronised)."""
+    for sample in samplers.values():
+        sample(0)
+    runs: dict[str, list] = {name: [] for name in samplers}
+    for seed in range(1, max(repeats, 1) + 1):
+        for name, sample in samplers.items():
+            ar_cache._sync(torch.device(device))
+            start = time.perf_counter()
+            stats = sample(seed)
+            ar_cache._sync(torch.device(device))
+            runs[name].append((time.perf_counter() - start, stats))
+    return {name: min(r, key=lambda run: run[0]) for name, r in runs.items()}
 
 
 def bench(size: str, side: int, keep: int, steps: int | None, window: int, batch: int, device: str = "cpu",
-          repeats: int = 2) -> dict:
-    row = ar_cache.bench(size, side, keep, window, batch, device=device, repeats=repeats)
-    length = side * side
+          repeats: int = 2, cfg_scale: float = 1.0) -> dict:
     torch.manual_seed(0)
-    randar = RandAR(gpt_args(size, grid=(side, side), num_classes=10)).eval().to(device)
+    length = side * side
     steps = steps or default_steps(keep)
-    seconds, stats = time_randar(randar, batch, keep, steps, repeats, device)
-    raster_images = row["raster_tokens_per_s"] / length
-    randar_images = batch / seconds
-    row.update({
-        "raster_passes_per_image": length, "mergear_passes_per_image": length, "randar_passes_per_image": steps,
-        "raster_images_per_s": raster_images, "mergear_images_per_s": row["mergear_tokens_per_s"] / length,
-        "randar_tokens_per_s": batch * keep / seconds, "randar_images_per_s": randar_images,
-        "randar_peak_kv_entries": stats["peak_cache"], "randar_kv_slots_allocated": 2 * keep,
-        "randar_kv_bytes": ar_cache.kv_bytes(randar, stats["peak_cache"], batch),
-        "randar_speedup_vs_raster": randar_images / raster_images,
-    })
+    models = route_models(size, side, keep, device)
+    timed = fastest(route_samplers(models, batch, keep, steps, window, cfg_scale, device), repeats, device)
+    rows = 2 * batch if cfg_scale != 1.0 else batch
+    passes = {"raster": length, "mergear": length, "randar": steps}
+    generated = {"raster": length, "mergear": length, "randar": keep}
+    row = {"size": size, "device": str(device), "L": length, "K": keep, "window": window, "batch": batch,
+           "cfg_scale": cfg_scale, "randar_kv_slots_allocated": 2 * keep}
+    for name in ROUTES:
+        seconds, stats = timed[name]
+        entries = int(stats["peak_cache"])
+        row.update({
+            f"{name}_passes_per_image": passes[name],
+            f"{name}_tokens_per_s": batch * generated[name] / seconds,
+            f"{name}_images_per_s": batch / seconds,
+            f"{name}_peak_kv_entries": entries,
+            f"{name}_kv_bytes": ar_cache.kv_bytes(models[name], entries, rows),
+        })
+    for name in ("mergear", "randar"):
+        row[f"{name}_speedup_vs_raster"] = row[f"{name}_images_per_s"] / row["raster_images_per_s"]
     return row
 
 
@@ -68,21 +110,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", default="auto", help="RandAR forward passes; auto: the paper's per K")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="!= 1: CFG (cond + uncond rows) in every route")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="outputs/bench/ar_randar.json")
     args = parser.parse_args(argv)
     steps = None if args.steps == "auto" else int(args.steps)
-    rows = [bench(args.size, int(side), int(keep), steps, args.window, args.batch, args.device, args.repeats)
+    rows = [bench(args.size, int(side), int(keep), steps, args.window, args.batch, args.device, args.repeats,
+                  args.cfg_scale)
             for side in args.grids.split(",") for keep in args.keeps.split(",") if int(keep) <= int(side) ** 2]
     print(f"{'L':>5} {'K':>5} {'passes r/m/R':>14} {'img/s raster':>12} {'MergeAR':>9} {'RandAR':>9} "
-          f"{'RandAR tok/s':>12} {'KV raster':>10} {'MergeAR':>9} {'RandAR':>9} {'speedup':>8}")
+          f"{'KV raster':>10} {'MergeAR':>9} {'RandAR':>9} {'MergeAR x':>9} {'RandAR x':>9}")
     for r in rows:
         print(f"{r['L']:>5} {r['K']:>5} {r['L']:>5}/{r['L']}/{r['randar_passes_per_image']:<4} "
               f"{r['raster_images_per_s']:>12.2f} {r['mergear_images_per_s']:>9.2f} {r['randar_images_per_s']:>9.2f} "
-              f"{r['randar_tokens_per_s']:>12.1f} {r['raster_kv_bytes'] / 2**20:>8.2f}Mi "
-              f"{r['mergear_kv_bytes'] / 2**20:>7.2f}Mi {r['randar_kv_bytes'] / 2**20:>7.2f}Mi "
-              f"{r['randar_speedup_vs_raster']:>7.2f}x")
+              f"{r['raster_kv_bytes'] / 2**20:>8.2f}Mi {r['mergear_kv_bytes'] / 2**20:>7.2f}Mi "
+              f"{r['randar_kv_bytes'] / 2**20:>7.2f}Mi {r['mergear_speedup_vs_raster']:>8.2f}x "
+              f"{r['randar_speedup_vs_raster']:>8.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": ar_cache._machine(), "results": rows}, indent=2))

@@ -117,7 +117,8 @@ def generation_stages(config: Mapping[str, Any], common: list[str]) -> list[Stag
                                               f"num_images={scale['codes_images']}", "overwrite=true", *common],
               "logs/codes_raster", "codes_raster/index.json"),
     ]
-    ar_common = [f"train.max_steps={scale['ar_steps']}", f"train.ckpt_every={scale['ar_steps']}", "train.progress=false",
+    ar_common = [f"train.max_steps={scale['ar_steps']}", f"train.ckpt_every={scale['ar_steps']}",
+                 f"train.global_batch_size={scale['ar_batch']}", "train.progress=false",
                  f"train.lr_schedule.warmup_steps={scale['ar_warmup']}",
                  f"seed={config['seed']}", f"num_classes={config['num_classes']}", *common]
     for name, preset, codes, generator in (("ar_raster", "demo_ar", "codes_raster", "raster"),
