@@ -43,16 +43,16 @@ summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d6
 
 demo: $(STAMP) ## the whole pipeline on the CPU (about 14 minutes on 2 idle cores): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.entries.train_tokenizer experiment=demo_tiny $(ARGS)
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=50 lpips.enabled=false
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=40 lpips.enabled=false
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_raster $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_raster keep=64 num_images=2048 overwrite=true
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_randar $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_randar keep=25 num_images=2048 overwrite=true
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_mergear generator=mergear
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_raster generator=raster
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_randar $(PY) -m mergevq.entries.train_ar experiment=demo_randar codes=$(DEMO_DIR)/codes_randar
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=10 keep=25 budget=strict evaluate.enabled=true evaluate.num_reference=500
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_raster per_class=10 evaluate.enabled=true evaluate.num_reference=500
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar per_class=10 keep=25 evaluate.enabled=true evaluate.num_reference=500
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=10 keep=25 budget=strict evaluate.enabled=true evaluate.num_reference=400
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_raster per_class=10 evaluate.enabled=true evaluate.num_reference=400
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar per_class=10 keep=25 evaluate.enabled=true evaluate.num_reference=400
 	$(PY) -m mergevq.entries.demo_report $(DEMO_DIR)
 
 study: $(STAMP) ## the small-scale reproduction study into docs/results (about an hour on 2 CPU cores; GPU: ARGS="scale=gpu backend=gpu")

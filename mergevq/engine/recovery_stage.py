@@ -50,6 +50,7 @@ class RecoveryTrainer(Trainer):
     """Only ``tokenizer.recovery`` trains; ``fit()`` runs to train.max_steps."""
 
     name = "source recovery"
+    validates = True
 
     def __init__(self, cfg: Mapping[str, Any], session: RunSession):
         self.cfg, self.session = cfg, session
@@ -77,11 +78,6 @@ class RecoveryTrainer(Trainer):
 
     def progress_postfix(self, logs: Mapping[str, float]) -> dict[str, str]:
         return {"loss": f"{logs['recovery']:.4f}", "acc": f"{logs['recovery_acc']:.3f}", "K": str(int(logs["keep"]))}
-
-    def after_step(self) -> None:
-        train = self.cfg["train"]
-        if self.step % train["val_every"] == 0 or self.step == train["max_steps"]:
-            self.validate()
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:
         acc, train = self.acc, self.cfg["train"]

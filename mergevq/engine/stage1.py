@@ -76,6 +76,7 @@ class Stage1Trainer(Trainer):
     """Tokenizer, discriminator, their optimizers and EMA; ``fit()`` runs to train.max_steps."""
 
     name = "stage I"
+    validates = True
 
     def __init__(self, cfg: Mapping[str, Any], session: RunSession):
         self.cfg, self.session = cfg, session
@@ -138,11 +139,6 @@ class Stage1Trainer(Trainer):
 
     def progress_postfix(self, logs: Mapping[str, float]) -> dict[str, str]:
         return {"loss": f"{logs['total']:.4f}", "K": str(int(logs["keep"])), "img_s": f"{logs['images_per_s']:.1f}"}
-
-    def after_step(self) -> None:
-        train = self.cfg["train"]
-        if self.step % train["val_every"] == 0 or self.step == train["max_steps"]:
-            self.validate()
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: list[dict]) -> dict[str, float] | None:

@@ -59,8 +59,17 @@ class Trainer:
     def progress_postfix(self, logs: Mapping[str, float]) -> dict[str, str]:
         return {}
 
+    validates = False  # True: validate() every train.val_every steps and at the last step
+
+    def validate(self) -> Any:
+        """Held-out evaluation of a trainer with ``validates = True``."""
+        raise NotImplementedError
+
     def after_step(self) -> None:
-        """Called after every optimizer step, before the checkpoint (stage I validates here)."""
+        """Called after every optimizer step, before the checkpoint: validation when it is due."""
+        train = self.cfg["train"]
+        if self.validates and (self.step % train["val_every"] == 0 or self.step == train["max_steps"]):
+            self.validate()
 
     # ------------------------------------------------------------------ state
     @property

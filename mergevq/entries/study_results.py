@@ -56,39 +56,35 @@ def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 # --------------------------------------------------------------------------------------- tables
 
 
-def reconstruction_rows(work: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (variant, K) of the tokenizer evaluation cards (true groups)."""
+def per_k_rows(work: Path, variants: Sequence[str], card: str, fields: Mapping[str, str],
+               required: str | None = None) -> list[dict[str, Any]]:
+    """One row per (variant, K) of each variant's ``tok_<variant>/<card>`` metrics: column -> card metric
+    name (``fields``); K values whose ``required`` metric is missing are left out."""
     rows = []
     for variant in variants:
-        card = _load(work / f"tok_{variant}" / "eval" / "eval_card.json")
-        for keep, m in (card or {}).get("metrics", {}).items():
-            rows.append({"variant": VARIANT_NAMES[variant], "K": int(keep), "rfid": m.get("rfid"), "psnr": m.get("psnr"),
-                         "ssim": m.get("ssim"), "code_usage": m.get("code_usage"), "num_images": m.get("num_images")})
+        metrics = (_load(work / f"tok_{variant}" / card) or {}).get("metrics", {})
+        for keep, m in metrics.items():
+            if required is None or m.get(required) is not None:
+                rows.append({"variant": VARIANT_NAMES[variant], "K": int(keep),
+                             **{column: m.get(name) for column, name in fields.items()}})
     return rows
+
+
+def reconstruction_rows(work: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
+    """The tokenizer evaluation cards (true groups)."""
+    return per_k_rows(work, variants, "eval/eval_card.json", {k: k for k in ("rfid", "psnr", "ssim", "code_usage",
+                                                                            "num_images")})
 
 
 def probe_rows(work: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
-    rows = []
-    for variant in variants:
-        card = _load(work / f"tok_{variant}" / "probe" / "eval_card.json")
-        for keep, m in (card or {}).get("metrics", {}).items():
-            rows.append({"variant": VARIANT_NAMES[variant], "K": int(keep),
-                         "cls_top1": m.get("cls_top1"), "mean_top1": m.get("mean_top1")})
-    return rows
+    return per_k_rows(work, variants, "probe/eval_card.json", {"cls_top1": "cls_top1", "mean_top1": "mean_top1"})
 
 
 def recovery_rows(work: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of the variants whose cards have predicted-group metrics (a Source Recovery module)."""
-    rows = []
-    for variant in variants:
-        card = _load(work / f"tok_{variant}" / "eval" / "eval_card.json")
-        for keep, m in (card or {}).get("metrics", {}).items():
-            if m.get("recovery_accuracy") is None:
-                continue
-            rows.append({"variant": VARIANT_NAMES[variant], "K": int(keep), "rfid_true_groups": m.get("rfid"),
-                         "rfid_recovered": m.get("rfid_recovered"), "psnr_true_groups": m.get("psnr"),
-                         "psnr_recovered": m.get("psnr_recovered"), "recovery_accuracy": m.get("recovery_accuracy")})
-    return rows
+    """The variants whose cards have predicted-group metrics (a Source Recovery module)."""
+    fields = {"rfid_true_groups": "rfid", "rfid_recovered": "rfid_recovered", "psnr_true_groups": "psnr",
+              "psnr_recovered": "psnr_recovered", "recovery_accuracy": "recovery_accuracy"}
+    return per_k_rows(work, variants, "eval/eval_card.json", fields, required="recovery_accuracy")
 
 
 def generation_rows(work: Path) -> list[dict[str, Any]]:

@@ -79,7 +79,9 @@ def decide(logits: Tensor, open_groups: Tensor, keep: Tensor, left: int, budget:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     probs = logits.softmax(-1).nan_to_num(0.0)
     probs[:, 0] += probs.sum(-1) == 0  # nothing allowed (cannot happen for K >= 1): start a group
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    from .generate import sample_categorical  # generate imports this module
+
+    return sample_categorical(probs, generator)
 
 
 def banned_codes(model: GPT, taken: Tensor, taken_mask: Tensor, parts: list[Tensor], vocab: int) -> Tensor:
