@@ -41,7 +41,7 @@ lint: $(STAMP) ## ruff
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.entries.summary $(ARGS)
 
-demo: $(STAMP) ## the whole pipeline on the CPU (about 14 minutes on 2 idle cores): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
+demo: $(STAMP) ## the whole pipeline on the CPU (about 15 minutes on 2 idle cores): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.entries.train_tokenizer experiment=demo_tiny $(ARGS)
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=40 lpips.enabled=false
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
