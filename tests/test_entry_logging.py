@@ -23,10 +23,11 @@ from mergevq.entries.evaluate import task as evaluate_task
 from mergevq.entries.reconstruct import task as reconstruct_task
 from mergevq.entries.sample import task as sample_task
 from mergevq.entries.sampling import class_grids
-from mergevq.models.factory import build_generator
+from mergevq.models.generator_factory import build_generator
 from mergevq.runs.checkpoint import save_checkpoint
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
+# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("entry_logging")]
 
 CLASSES, PER_CLASS, SIZE = [0, 1, 2], 2, 32  # the tiny tokenizer: 32 px images, an 8 x 8 grid
 

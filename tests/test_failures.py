@@ -32,7 +32,8 @@ from mergevq.runs.checkpoint import RUN_FORMAT as FORMAT
 from mergevq.runs.checkpoint import list_checkpoints, save_checkpoint
 from mergevq.runs.runlock import RunLock
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("failures")]
 
 # 8 images = 2 steps per epoch, checkpoints at steps 2 and 3.
 TOKENIZER = (*TOKENIZER_BASE, "variant=r", "loss.perceptual_weight=0", "data.train_kwargs.num_samples=8",
@@ -94,7 +95,7 @@ def codes(work, tokenizer_run) -> Path:
 def generator_run(root: Path, codes_value: str) -> Path:
     """A stage-II checkpoint (an untrained tiny MergeAR) whose stored config names ``codes_value``."""
     from mergevq.data.code_cache import CodeCache, cache_contents
-    from mergevq.models.factory import build_generator
+    from mergevq.models.generator_factory import build_generator
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train_ar", overrides=[*AR, f"codes='{codes_value}'", "run_dir=unused"])

@@ -37,7 +37,8 @@ from mergevq.interop.magvit2_import import (
     load_open_magvit2_tokenizer,
     official_gpt_state,
 )
-from mergevq.models.factory import build_generator, build_tokenizer
+from mergevq.models.factory import build_tokenizer
+from mergevq.models.generator_factory import build_generator
 from mergevq.models.gpt import GPT, ModelArgs
 from mergevq.models.lfq import join_codes
 from mergevq.models.mergear import MergeARConfig, keep_index, mergear_mask
@@ -46,6 +47,8 @@ from mergevq.runs.card import EvaluationCard, write_card
 from mergevq.runs.checkpoint import save_checkpoint
 from mergevq.runs.restore import load_trained_generator, load_trained_tokenizer
 from mergevq.viz import LINE_COLOUR, boundaries, group_pixels, merge_map, merge_strip, segment_layer
+
+pytestmark = pytest.mark.xdist_group("interop_ux")  # its module fixtures are built once, on one worker
 
 RECOVERY = {"enabled": True, "width": 32, "depth": 1, "num_heads": 2, "drop_path": 0.0}
 MAGVIT2 = {"kind": "magvit2", "name": "open_magvit2", "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2,

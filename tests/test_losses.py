@@ -29,6 +29,8 @@ from mergevq.losses import (
 )
 from mergevq.models.discriminator import PatchGANDiscriminator
 
+pytestmark = pytest.mark.xdist_group("losses")  # its module fixtures are built once, on one worker
+
 # ---------------------------------------------------------------- discriminator
 
 

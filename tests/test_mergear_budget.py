@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from mergevq.models.budget import code_log_probs, decide
-from mergevq.models.factory import build_generator
 from mergevq.models.generate import generate
+from mergevq.models.generator_factory import build_generator
 from mergevq.models.gpt import GPT, ModelArgs
 from mergevq.models.mergear import (
     MergeARConfig,

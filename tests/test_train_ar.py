@@ -57,7 +57,8 @@ def adjacent_groups(codes: np.ndarray, width: int) -> int:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
+# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("train_ar")]
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,23 @@
 
 For each (L, K) it decodes L tokens for a batch with the raster cache and with the MergeAR cache
 (groups forced to a K-group layout of contiguous raster runs, what merging produces along rows),
-and reports tokens/s (best of ``--repeats`` after one untimed warm-up decode of each), the peak
-number of live KV entries and their bytes, and the mean number of KV slots one query attends over
-(the attention cost per token). Prints a table and writes JSON (default outputs/bench/ar_cache.json).
+and reports tokens/s (the fastest of ``--repeats`` interleaved rounds after one untimed warm-up
+decode of each, the decoder's cache allocation included), the peak number of live KV entries and
+their bytes, and the mean number of KV slots one query attends over (the attention cost per token). Prints a table and writes JSON (default outputs/bench/ar_cache.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from ..models.generate import RasterDecoder
-from ..models.gpt import GPT, gpt_args
-from ..models.mergear import MergeARConfig, MergeARDecoder
+from ..models.gpt import GPT
+from ..models.mergear import MergeARDecoder
+from .common import fastest_of_rounds, generator_models, kv_bytes, machine
 
 
 def run_groups(length: int, keep: int, generator: torch.Generator) -> torch.Tensor:
@@ -32,27 +32,14 @@ def run_groups(length: int, keep: int, generator: torch.Generator) -> torch.Tens
     return starts[owner.cumsum(0)]
 
 
-def kv_bytes(model: GPT, entries: int, batch: int) -> int:
-    args = model.args
-    element = next(model.parameters()).element_size()
-    return 2 * args.n_layer * batch * entries * args.dim * element
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
-def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None) -> tuple[float, float]:
-    """Feed codes [B, L] through the decoder -> (seconds (device synchronised), mean KV slots attended
-    per query). The raster query at position l attends P + l + 1 slots, the MergeAR one its span
-    (the slot high-water mark, or up to sync_every - 1 more between device reads)."""
+def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None) -> float:
+    """Feed codes [B, L] through the decoder -> mean KV slots attended per query. The raster query at
+    position l attends P + l + 1 slots, the MergeAR one its span (the slot high-water mark, or up to
+    sync_every - 1 more between device reads)."""
     labels = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
     merge = isinstance(decoder, MergeARDecoder)
     attended = 0
-    _sync(codes.device)
-    start = time.perf_counter()
     if merge:
         decoder.prefill(labels, torch.zeros_like(labels))
     else:
@@ -63,42 +50,29 @@ def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None
         else:
             decoder.decode_one(codes[:, pos], known_group=groups[:, pos])
         attended += decoder.span if merge else decoder.prefix + pos + 1
-    _sync(codes.device)
-    return time.perf_counter() - start, attended / codes.shape[1]
-
-
-def best_decodes(cases, codes: torch.Tensor, repeats: int) -> list[tuple[float, float, object]]:
-    """cases: [(make_decoder, model, groups or None)]. One untimed warm-up decode of each, then
-    ``repeats`` rounds that run every case once, interleaved (so load changes hit all cases alike)
-    -> per case the fastest run (seconds, attended, its decoder)."""
-    for make_decoder, model, groups in cases:
-        decode(model, make_decoder(), codes, groups)
-    runs: list[list] = [[] for _ in cases]
-    for _ in range(max(repeats, 1)):
-        for runs_of_case, (make_decoder, model, groups) in zip(runs, cases):
-            decoder = make_decoder()
-            runs_of_case.append((*decode(model, decoder, codes, groups), decoder))
-    return [min(r, key=lambda run: run[0]) for r in runs]
+    return attended / codes.shape[1]
 
 
 def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 0, device: str = "cpu",
           repeats: int = 2) -> dict:
     torch.manual_seed(seed)
     length = side * side
-    base = gpt_args(size, grid=(side, side), num_classes=10)
-    raster = GPT(base).eval()
-    mergear_cfg = MergeARConfig(window=window, keep_options=(keep,))
-    mergear = GPT(mergear_cfg.model_args(base)).eval()
-    mergear.load_state_dict(raster.state_dict(), strict=False)  # same weights but the [M] table
-    raster, mergear = raster.to(device), mergear.to(device)
+    models = generator_models(size, side, keep, device, routes=("raster", "mergear"), copy_head=False)
+    raster, mergear = models["raster"], models["mergear"]
     generator = torch.Generator().manual_seed(seed)
     groups = torch.stack([run_groups(length, keep, generator) for _ in range(batch)])
     codes = torch.randint(0, raster.args.codebook_size, (batch, length), generator=generator).gather(1, groups)
     groups, codes = groups.to(device), codes.to(device)
     bound = mergear.args.prefix_tokens + keep + window + 1
-    (raster_time, raster_attended, _), (merge_time, merge_attended, decoder) = best_decodes(
-        [(lambda: RasterDecoder(raster, batch), raster, None),
-         (lambda: MergeARDecoder(mergear, batch, window, max_slots=bound), mergear, groups)], codes, repeats)
+
+    def run(model, decoder, known_groups):
+        return decode(model, decoder, codes, known_groups), decoder
+
+    timed = fastest_of_rounds({
+        "raster": lambda _: run(raster, RasterDecoder(raster, batch), None),
+        "mergear": lambda _: run(mergear, MergeARDecoder(mergear, batch, window, max_slots=bound), groups),
+    }, device, repeats)
+    (raster_time, (raster_attended, _)), (merge_time, (merge_attended, decoder)) = timed["raster"], timed["mergear"]
     stats = decoder.stats()
     raster_entries = raster.args.prefix_tokens + length
     return {
@@ -140,17 +114,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['expected_ratio_(K+w)/L']:>8.3f} {r['attention_ratio']:>10.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": _machine(), "results": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine(), "results": rows}, indent=2))
     print(f"wrote {out}")
     return rows
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 if __name__ == "__main__":

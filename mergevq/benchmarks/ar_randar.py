@@ -17,31 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..models.generate import generate
-from ..models.gpt import GPT, gpt_args
-from ..models.mergear import MergeARConfig
+from ..models.gpt import GPT
 from ..models.positions import default_steps, uniform_positions
-from ..models.randar import RandAR, generate_randar
-from . import ar_cache
+from ..models.randar import generate_randar
+from .common import fastest_of_rounds, generator_models, kv_bytes, machine
 
 ROUTES = ("raster", "mergear", "randar")
-
-
-def route_models(size: str, side: int, keep: int, device: str) -> dict[str, GPT]:
-    """The three generators on an L = side^2 grid, sharing the raster model's weights where shapes agree."""
-    base = gpt_args(size, grid=(side, side), num_classes=10)
-    raster = GPT(base).eval()
-    mergear = GPT(MergeARConfig(keep_options=(keep,), copy_head=True).model_args(base)).eval()
-    randar = RandAR(base).eval()
-    for model in (mergear, randar):
-        model.load_state_dict(raster.state_dict(), strict=False)
-    return {"raster": raster.to(device), "mergear": mergear.to(device), "randar": randar.to(device)}
 
 
 def route_samplers(models: dict[str, GPT], batch: int, keep: int, steps: int, window: int, cfg_scale: float,
@@ -59,29 +46,13 @@ def route_samplers(models: dict[str, GPT], batch: int, keep: int, steps: int, wi
     }
 
 
-def fastest(samplers: dict[str, Callable[[int], dict]], repeats: int, device: str) -> dict[str, tuple[float, dict]]:
-    """One untimed warm-up per route, then ``repeats`` interleaved rounds -> route: (seconds, stats) of its
-    fastest run (device synchronised)."""
-    for sample in samplers.values():
-        sample(0)
-    runs: dict[str, list] = {name: [] for name in samplers}
-    for seed in range(1, max(repeats, 1) + 1):
-        for name, sample in samplers.items():
-            ar_cache._sync(torch.device(device))
-            start = time.perf_counter()
-            stats = sample(seed)
-            ar_cache._sync(torch.device(device))
-            runs[name].append((time.perf_counter() - start, stats))
-    return {name: min(r, key=lambda run: run[0]) for name, r in runs.items()}
-
-
 def bench(size: str, side: int, keep: int, steps: int | None, window: int, batch: int, device: str = "cpu",
           repeats: int = 2, cfg_scale: float = 1.0) -> dict:
     torch.manual_seed(0)
     length = side * side
     steps = steps or default_steps(keep)
-    models = route_models(size, side, keep, device)
-    timed = fastest(route_samplers(models, batch, keep, steps, window, cfg_scale, device), repeats, device)
+    models = generator_models(size, side, keep, device)
+    timed = fastest_of_rounds(route_samplers(models, batch, keep, steps, window, cfg_scale, device), device, repeats)
     rows = 2 * batch if cfg_scale != 1.0 else batch
     passes = {"raster": length, "mergear": length, "randar": steps}
     generated = {"raster": length, "mergear": length, "randar": keep}
@@ -95,7 +66,7 @@ def bench(size: str, side: int, keep: int, steps: int | None, window: int, batch
             f"{name}_tokens_per_s": batch * generated[name] / seconds,
             f"{name}_images_per_s": batch / seconds,
             f"{name}_peak_kv_entries": entries,
-            f"{name}_kv_bytes": ar_cache.kv_bytes(models[name], entries, rows),
+            f"{name}_kv_bytes": kv_bytes(models[name], entries, rows),
         })
     for name in ("mergear", "randar"):
         row[f"{name}_speedup_vs_raster"] = row[f"{name}_images_per_s"] / row["raster_images_per_s"]
@@ -129,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['randar_speedup_vs_raster']:>8.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": ar_cache._machine(), "results": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine(), "results": rows}, indent=2))
     print(f"wrote {out}")
     return rows
 

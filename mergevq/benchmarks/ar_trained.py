@@ -24,7 +24,7 @@ from ..data.code_cache import CodeCache
 from ..models.generate import generate
 from ..models.mergear import DUPLICATE_RULES, keep_index, representative, rule_groups
 from ..runs.restore import load_trained_generator
-from .ar_cache import _machine
+from .common import machine
 
 
 def sample_row(model, labels: torch.Tensor, batch: int, **options) -> dict:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args) -> dict:
-    result: dict = {"machine": _machine()}
+    result: dict = {"machine": machine()}
     if args.ckpt:
         keeps = ([int(k) for k in args.keeps.split(",")] if args.keeps
                  else list(load_trained_generator(args.ckpt)[1].keep_options))

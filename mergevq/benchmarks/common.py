@@ -1,5 +1,6 @@
 """Shared pieces of the benchmark suite: configs, machine description, timers, memory readers,
-a FLOP counter that also counts CPU fused attention, and table printing."""
+a FLOP counter that also counts CPU fused attention, the generators of the AR benchmarks, and
+table printing."""
 
 from __future__ import annotations
 
@@ -140,6 +141,23 @@ def time_calls(fn: Callable[[], Any], device, repeats: int, warmup: int = 1) -> 
     return times
 
 
+def fastest_of_rounds(cases: dict[str, Callable[[int], Any]], device, repeats: int) -> dict[str, tuple[float, Any]]:
+    """One untimed warm-up call of each case (with round 0), then ``repeats`` rounds that call every case
+    once (with the round number, e.g. a seed), interleaved so load changes hit all cases alike
+    -> case: (seconds, result) of its fastest call (device synchronised)."""
+    for call in cases.values():
+        call(0)
+    runs: dict[str, list[tuple[float, Any]]] = {name: [] for name in cases}
+    for round_ in range(1, max(repeats, 1) + 1):
+        for name, call in cases.items():
+            sync(device)
+            start = time.perf_counter()
+            result = call(round_)
+            sync(device)
+            runs[name].append((time.perf_counter() - start, result))
+    return {name: min(r, key=lambda run: run[0]) for name, r in runs.items()}
+
+
 def summary(times: Sequence[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": [round(t, 6) for t in times]}
 
@@ -226,6 +244,36 @@ def flop_counter() -> FlopCounterMode:
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+# --------------------------------------------------------------------------- AR generators
+
+
+def generator_models(size: str, side: int, keep: int, device, routes: Sequence[str] = ("raster", "mergear", "randar"),
+                     copy_head: bool = True) -> dict[str, torch.nn.Module]:
+    """route -> generator (eval mode) on an L = side^2 grid, sharing the raster model's weights wherever
+    the shapes agree (MergeAR adds its [M] table and copy head, RandAR its position instructions)."""
+    from ..models.gpt import GPT, gpt_args
+    from ..models.mergear import MergeARConfig
+    from ..models.randar import RandAR
+
+    base = gpt_args(size, grid=(side, side), num_classes=10)
+    raster = GPT(base).eval()
+    build = {"mergear": lambda: GPT(MergeARConfig(keep_options=(keep,), copy_head=copy_head).model_args(base)),
+             "randar": lambda: RandAR(base)}
+    models = {"raster": raster}
+    for route in routes:
+        if route != "raster":
+            models[route] = build[route]().eval()
+            models[route].load_state_dict(raster.state_dict(), strict=False)
+    return {route: models[route].to(device) for route in routes}
+
+
+def kv_bytes(model: torch.nn.Module, entries: int, batch: int) -> int:
+    """Bytes of ``entries`` key + value entries in every layer for ``batch`` rows."""
+    args = model.args
+    element = next(model.parameters()).element_size()
+    return 2 * args.n_layer * batch * entries * args.dim * element
 
 
 # --------------------------------------------------------------------------- printing

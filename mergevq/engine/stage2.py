@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data.code_cache import CodeCache, cache_contents, training_items
 from ..models.blocks import set_activation_checkpointing
-from ..models.factory import build_generator
+from ..models.generator_factory import build_generator
 from ..models.gpt import GPT
 from ..models.mergear import mergear_inputs
 from ..runs.faults import fault_armed, fault_point

@@ -151,4 +151,43 @@ def run_entry(config_name: str, task: Callable) -> None:
         precheck_overrides(config_name, argv)
     if int(os.environ.get("RANK", 0)) != 0 and not multirun:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.run.dir=."]
-    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(one_line_errors(task))()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(one_line_errors(task))()
+    except SystemExit as stop:
+        if not owns_process():
+            raise
+        exit_without_teardown(stop.code)
+    if owns_process():
+        exit_without_teardown(0)
+
+
+def owns_process() -> bool:
+    """True when this process was started to run one entry (``python -m mergevq.entries.X``, a
+    ``mergevq-*`` script, a launcher's worker), not when a test or a notebook calls an entry's main()."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:
+        return spec.name.startswith("mergevq.entries.")
+    return Path(sys.argv[0]).name.startswith("mergevq-")
+
+
+def exit_without_teardown(code: int | str | None) -> None:
+    """End the process as ``sys.exit(code)`` would, less the interpreter's module teardown: the threads
+    are joined, the atexit handlers run (logging, W&B, multiprocessing) and the streams are flushed,
+    then ``os._exit``. The teardown of torch, torchvision and dynamo costs about 2 s per process on a
+    CPU host, which the study, the launchers and the test suite pay for every job."""
+    import atexit
+    import threading
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code or 0)

@@ -67,7 +67,7 @@ def generator_params(experiment: str, grid: tuple[int, int] = (16, 16), bits: in
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from ..models.factory import build_generator
+    from ..models.generator_factory import build_generator
     from .cli import CONF_DIR
 
     overrides = [f"experiment={experiment}", "codes=unused", "run_dir=unused"]

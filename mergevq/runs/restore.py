@@ -103,7 +103,7 @@ def load_trained_generator(path: str | Path, weights: str = "ema"):
 
     weights: 'ema' uses gpt_ema when the run kept one, else the raw weights ('raw' forces them)."""
     from ..data.code_cache import CodeCache, cache_contents
-    from ..models.factory import build_generator
+    from ..models.generator_factory import build_generator
 
     checkpoint = resolve_checkpoint(path)
     require_kind(checkpoint, "generator", "sample")
