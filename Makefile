@@ -27,10 +27,10 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) ## make .venv (pip, torch pinned by constraints.txt)
 
 test: $(STAMP) ## the fast tests (no subprocess or multi-process tests), 2 workers
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" $(ARGS)
 
 test-all: $(STAMP) ## every test, the slow (subprocess, multi-process) ones included: what CI runs
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 check-docs: $(STAMP) ## every README / make help command composes as printed (tests/test_docs.py)
 	$(PY) -m pytest -q tests/test_docs.py $(ARGS)

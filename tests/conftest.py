@@ -27,6 +27,20 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+# ------------------------------------------------------------- two workers that end together
+
+# `make test-all` gives each file to one worker (--dist loadfile: its module fixtures are built once),
+# in collection order (--no-loadscope-reorder). The longest files go first, as measured in CI, so that
+# the last file a worker takes is a short one and the two workers end at about the same time.
+LONGEST_FILES_FIRST = ("test_study.py", "test_reliability.py", "test_train_tokenizer.py", "test_platform_processes.py",
+                       "test_scaleout.py", "test_train_tokenizer_processes.py", "test_failures.py", "test_docs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 # ------------------------------------------------------------- fast tests start no processes
 
 # `make test` runs `-m "not slow"`: a test (or a fixture it uses) that starts a Python process, a

@@ -26,8 +26,7 @@ from mergevq.entries.sampling import class_grids
 from mergevq.models.generator_factory import build_generator
 from mergevq.runs.checkpoint import save_checkpoint
 
-# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("entry_logging")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 CLASSES, PER_CLASS, SIZE = [0, 1, 2], 2, 32  # the tiny tokenizer: 32 px images, an 8 x 8 grid
 

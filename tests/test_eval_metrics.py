@@ -307,8 +307,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mergevq.eval.features import RandomFeatures, extract_features
 
-pytestmark = pytest.mark.xdist_group("eval_metrics")  # its module fixtures are built once, on one worker
-
 torch.set_num_threads(1)
 acc = Accelerator(cpu=True)
 assert acc.num_processes == 2, acc.num_processes

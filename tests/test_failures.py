@@ -32,8 +32,7 @@ from mergevq.runs.checkpoint import RUN_FORMAT as FORMAT
 from mergevq.runs.checkpoint import list_checkpoints, save_checkpoint
 from mergevq.runs.runlock import RunLock
 
-# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("failures")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 # 8 images = 2 steps per epoch, checkpoints at steps 2 and 3.
 TOKENIZER = (*TOKENIZER_BASE, "variant=r", "loss.perceptual_weight=0", "data.train_kwargs.num_samples=8",

@@ -48,8 +48,6 @@ from mergevq.runs.checkpoint import save_checkpoint
 from mergevq.runs.restore import load_trained_generator, load_trained_tokenizer
 from mergevq.viz import LINE_COLOUR, boundaries, group_pixels, merge_map, merge_strip, segment_layer
 
-pytestmark = pytest.mark.xdist_group("interop_ux")  # its module fixtures are built once, on one worker
-
 RECOVERY = {"enabled": True, "width": 32, "depth": 1, "num_heads": 2, "drop_path": 0.0}
 MAGVIT2 = {"kind": "magvit2", "name": "open_magvit2", "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2,
            "z_channels": 18, "resolution": 32}

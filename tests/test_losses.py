@@ -29,8 +29,6 @@ from mergevq.losses import (
 )
 from mergevq.models.discriminator import PatchGANDiscriminator
 
-pytestmark = pytest.mark.xdist_group("losses")  # its module fixtures are built once, on one worker
-
 # ---------------------------------------------------------------- discriminator
 
 

@@ -18,8 +18,7 @@ from mergevq.entries import evaluate, train_tokenizer
 from mergevq.entries.config_check import standalone_recovery_config
 from mergevq.runs.restore import load_trained_tokenizer
 
-# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("recovery_standalone")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 SMALL = ("recovery.width=32", "recovery.num_heads=2")
 STEPS = 24

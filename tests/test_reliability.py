@@ -49,8 +49,7 @@ RUN = ("variant=r", "loss.perceptual_weight=0", "data.train_kwargs.num_samples=8
        "train.ckpt_every=2", "train.val_every=2", "train.val_keeps=[36]")
 
 
-# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("reliability")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 def optimizer_states(checkpoint):

@@ -19,8 +19,6 @@ from mergevq.entries.pretokenize import check_out_dir
 from mergevq.runs.card import sha256_file
 from mergevq.runs.restore import load_trained_tokenizer
 
-pytestmark = pytest.mark.xdist_group("tokenize")  # its module fixtures are built once, on one worker
-
 DATA = {
     "name": "photos", "root": None, "cache_dir": None, "size": 32, "align_size": 28,
     "train_kwargs": {"num_samples": 24, "crop_size": 64, "seed": 0},

@@ -57,8 +57,7 @@ def adjacent_groups(codes: np.ndarray, width: int) -> int:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("train_ar")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from mergevq.entries.sampling import sample_images
 from mergevq.models.randar import RandAR
 from mergevq.runs.restore import load_trained_generator
 
-# tiny ops: one intra-op thread (see conftest); one worker builds the module fixtures
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("train_randar")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread (see conftest)
 RECOVERY = {"enabled": True, "width": 32, "depth": 1, "num_heads": 2}
 
 

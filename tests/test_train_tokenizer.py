@@ -272,7 +272,6 @@ def config_error_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("config_errors")  # one worker runs the fixture's processes
 @pytest.mark.parametrize("name", list(CONFIG_ERRORS))
 def test_config_error_is_one_line(config_error_runs, name):
     proc, run_dir = config_error_runs[name]
