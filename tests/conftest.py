@@ -29,7 +29,7 @@ def fixtures_dir() -> Path:
 
 # ------------------------------------------------------------- two workers that end together
 
-# `make test-all` gives each file to one worker (--dist loadfile: its module fixtures are built once),
+# `make test` and `make test-all` give each file to one worker (--dist loadfile: its module fixtures are built once),
 # in collection order (--no-loadscope-reorder). The longest files go first, as measured in CI, so that
 # the last file a worker takes is a short one and the two workers end at about the same time.
 LONGEST_FILES_FIRST = ("test_study.py", "test_reliability.py", "test_train_tokenizer.py", "test_platform_processes.py",

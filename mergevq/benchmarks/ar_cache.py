@@ -6,7 +6,8 @@ For each (L, K) it decodes L tokens for a batch with the raster cache and with t
 (groups forced to a K-group layout of contiguous raster runs, what merging produces along rows),
 and reports tokens/s (the fastest of ``--repeats`` interleaved rounds after one untimed warm-up
 decode of each, the decoder's cache allocation included), the peak number of live KV entries and
-their bytes, and the mean number of KV slots one query attends over (the attention cost per token). Prints a table and writes JSON (default outputs/bench/ar_cache.json).
+their bytes, and the mean number of KV slots one query attends over (the attention cost per token).
+Prints a table and writes JSON (default outputs/bench/ar_cache.json).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 import torch
 
 from ..models.generate import RasterDecoder
-from ..models.gpt import GPT
 from ..models.mergear import MergeARDecoder
 from .common import fastest_of_rounds, generator_models, kv_bytes, machine
 
@@ -33,8 +33,8 @@ def run_groups(length: int, keep: int, generator: torch.Generator) -> torch.Tens
 
 
 @torch.no_grad()
-def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None) -> float:
-    """Feed codes [B, L] through the decoder -> mean KV slots attended per query. The raster query at
+def decode(decoder, codes: torch.Tensor, groups: torch.Tensor | None) -> tuple[float, object]:
+    """Feed codes [B, L] through the decoder -> (mean KV slots attended per query, the decoder). The raster query at
     position l attends P + l + 1 slots, the MergeAR one its span (the slot high-water mark, or up to
     sync_every - 1 more between device reads)."""
     labels = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
@@ -50,7 +50,7 @@ def decode(model: GPT, decoder, codes: torch.Tensor, groups: torch.Tensor | None
         else:
             decoder.decode_one(codes[:, pos], known_group=groups[:, pos])
         attended += decoder.span if merge else decoder.prefix + pos + 1
-    return attended / codes.shape[1]
+    return attended / codes.shape[1], decoder
 
 
 def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 0, device: str = "cpu",
@@ -64,13 +64,9 @@ def bench(size: str, side: int, keep: int, window: int, batch: int, seed: int = 
     codes = torch.randint(0, raster.args.codebook_size, (batch, length), generator=generator).gather(1, groups)
     groups, codes = groups.to(device), codes.to(device)
     bound = mergear.args.prefix_tokens + keep + window + 1
-
-    def run(model, decoder, known_groups):
-        return decode(model, decoder, codes, known_groups), decoder
-
     timed = fastest_of_rounds({
-        "raster": lambda _: run(raster, RasterDecoder(raster, batch), None),
-        "mergear": lambda _: run(mergear, MergeARDecoder(mergear, batch, window, max_slots=bound), groups),
+        "raster": lambda _: decode(RasterDecoder(raster, batch), codes, None),
+        "mergear": lambda _: decode(MergeARDecoder(mergear, batch, window, max_slots=bound), codes, groups),
     }, device, repeats)
     (raster_time, (raster_attended, _)), (merge_time, (merge_attended, decoder)) = timed["raster"], timed["mergear"]
     stats = decoder.stats()

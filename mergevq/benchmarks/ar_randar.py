@@ -2,7 +2,7 @@
 
     python -m mergevq.benchmarks.ar_randar [--size tiny] [--grids 16,32] [--keeps 144,256] [--steps auto]
 
-Each route samples whole images the way ``mergevq.sample`` does (model passes, the factorised heads,
+Each route samples whole images the way ``mergevq.entries.sample`` does (model passes, the factorised heads,
 sampling by ``sample_categorical``), with the same weights wherever the shapes agree:
 raster generates the L codes in L passes; MergeAR the L positions of a K-group sequence in L passes
 (``budget=strict``: exactly K groups, eviction window ``--window``); RandAR the K merged tokens in

@@ -151,13 +151,14 @@ def run_entry(config_name: str, task: Callable) -> None:
         precheck_overrides(config_name, argv)
     if int(os.environ.get("RANK", 0)) != 0 and not multirun:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.run.dir=."]
+    owns = owns_process()
     try:
         hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(one_line_errors(task))()
     except SystemExit as stop:
-        if not owns_process():
+        if not owns:
             raise
         exit_without_teardown(stop.code)
-    if owns_process():
+    if owns:
         exit_without_teardown(0)
 
 
