@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
@@ -124,3 +126,37 @@ def build_dataset(name: str, split: str = "train", root: str | Path | None = Non
         root = _require_root(name, root)
         base = imagenet(root, "val" if held_out else "train", cache_dir, transform, replace_unreadable, **kwargs)
     return LabelledViews(base)
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """sha256 naming what a dataset holds, for caches that must follow their inputs: the pixel and label
+    arrays of an in-memory set (Fashion-MNIST), else every file's relative path, label, size and mtime
+    (class folders), else every item's image and label (read in full: small sets such as the photos)."""
+    base = getattr(dataset, "base", dataset)
+    digest = hashlib.sha256(f"{type(base).__name__}:{len(dataset)}".encode())
+    if isinstance(getattr(base, "images", None), np.ndarray) and isinstance(getattr(base, "labels", None), np.ndarray):
+        digest.update(np.ascontiguousarray(base.images).tobytes())
+        digest.update(np.ascontiguousarray(base.labels).tobytes())
+    elif hasattr(base, "samples") and hasattr(base, "root"):
+        for rel, label in base.samples:
+            stat = (Path(base.root) / rel).stat()
+            digest.update(f"{rel}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        for index in range(len(dataset)):
+            item = dataset[index]
+            if item is None:
+                digest.update(b"unreadable")
+                continue
+            digest.update(item["image"].numpy().tobytes())
+            digest.update(str(int(item["label"])).encode())
+    return digest.hexdigest()
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Every item's label [N] int64, without decoding images where the dataset keeps its labels."""
+    base = getattr(dataset, "base", dataset)
+    if isinstance(getattr(base, "labels", None), np.ndarray):
+        return base.labels.astype(np.int64)
+    if hasattr(base, "samples"):
+        return np.asarray([label for _, label in base.samples], dtype=np.int64)
+    return np.asarray([int(dataset[i]["label"]) for i in range(len(dataset)) if dataset[i] is not None], dtype=np.int64)

@@ -16,7 +16,7 @@ from ..runs.restore import load_trained_tokenizer
 from .features import FeatureCache, extractor_meta
 from .generator_eval import generator_metrics, inception_metrics, reference_spatial, reference_stats
 from .inception import CONFIG_KEY, WEIGHTS_FILE, FidelityInception
-from .tokenizer_eval import build_extractor
+from .tokenizer_eval import build_classifier, build_extractor
 
 
 def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -40,6 +40,12 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
         features, _, _ = reference_stats(extractor, images, reference, {"dataset": dataset_id})
         cache.save(key, features)
     metrics = generator_metrics(extractor, result["images"], reference, features)
+    classifier = build_classifier(cfg["evaluate"].get("classifier"), data)
+    classes = None
+    if classifier is not None:  # is each sample the class it was conditioned on?
+        samples = torch.from_numpy(result["images"]).permute(0, 3, 1, 2)
+        classes = classifier.score(samples, result["labels"])
+        metrics["class_accuracy"] = classes["class_accuracy"]
     inception, warnings = inception_part(cfg, result["images"], dataset, count, cache, dataset_id, data["size"])
     metrics.update(inception.pop("metrics"))
     meta = extractor_meta(extractor)
@@ -68,8 +74,21 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
         "package_versions": package_versions("torch-fidelity"),
         "warnings": warnings,
     }
+    if classes is not None:
+        card["class_accuracy"] = {**classes, "note": trend_note(classes["num_images"])}
+        card["classifier"] = classifier.summary()
+        card["classifier_accuracy"] = classifier.accuracy
     write_card(run_dir, card)
     return card
+
+
+def trend_note(num_images: int) -> str:
+    """How far a number from ``num_images`` samples can be trusted."""
+    from .classifier import TREND_ONLY_BELOW
+
+    if num_images < TREND_ONLY_BELOW:
+        return f"from {num_images} samples (< {TREND_ONLY_BELOW}): trend only"
+    return f"from {num_images} samples"
 
 
 def inception_part(cfg: Mapping[str, Any], samples, dataset, count: int, cache: FeatureCache, dataset_id: str,

@@ -104,7 +104,7 @@ class _KeepAccumulator:
 
     def __init__(self, codebook_size: int):
         self.sums = torch.zeros(3, dtype=torch.float64)  # psnr, ssim, lpips
-        self.counts = torch.zeros(2, dtype=torch.int64)  # images, images with lpips
+        self.counts = torch.zeros(4, dtype=torch.int64)  # images, images with lpips, classified, classified right
         self.codes = CodebookStats(codebook_size)
         self.features: list[np.ndarray] = []
         self.num_tokens: int | None = None
@@ -141,9 +141,13 @@ class ReconstructionEvaluator:
     feature_fn: optional images [B, 3, H, W] in [-1, 1] -> features [B, D] (tensor or array), e.g.
                 InceptionV3 pool3 for rFID. Reconstruction features are kept per K and, with
                 ``collect_real_features``, the features of the inputs once (``real_features()``).
+    classify:   optional images [B, 3, H, W] in [-1, 1] -> predicted classes [B] (``eval.classifier``):
+                with labels given to ``update``, the class accuracy of the reconstructions per K and of
+                the originals (``original_class_accuracy()``): how much class information survives.
 
-    update(x [B, 3, H, W]); results() -> {K: {psnr, ssim, lpips, code_usage, code_entropy_bits,
-    code_perplexity, num_tokens, num_images}}; features(K) -> [N, D] float32.
+    update(x [B, 3, H, W], labels [B] or None); results() -> {K: {psnr, ssim, lpips, code_usage,
+    code_entropy_bits, code_perplexity, num_tokens, num_images, class_accuracy (with classify)}};
+    features(K) -> [N, D] float32.
 
     With a Source Recovery module (``tokenizer.recovery``) every K is also decoded with the groups it
     predicts from the K codes and their first raster positions (the generation route of spec 7.5):
@@ -159,6 +163,7 @@ class ReconstructionEvaluator:
         feature_fn: Callable[[torch.Tensor], Any] | None = None,
         codebook_size: int | None = None,
         collect_real_features: bool = True,
+        classify: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         keeps = list(keeps)
         if not keeps:
@@ -173,6 +178,8 @@ class ReconstructionEvaluator:
         self.acc_recovered = {k: _KeepAccumulator(self.codebook_size) for k in keeps} if self.recovers else {}
         self.recovery_hits = {k: torch.zeros(2, dtype=torch.int64) for k in self.acc_recovered}  # correct, positions
         self.real: list[np.ndarray] = []
+        self.classify = classify
+        self.original_hits = torch.zeros(2, dtype=torch.int64)  # classified, classified right
         self.reduced = False
 
     def _device(self) -> torch.device:
@@ -180,16 +187,22 @@ class ReconstructionEvaluator:
         return param.device if param is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """x [B, 3, H, W] in [-1, 1]: reconstruct at every K and accumulate the metrics."""
+    def update(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """x [B, 3, H, W] in [-1, 1], labels [B] (class accuracy; needs ``classify``): reconstruct at
+        every K and accumulate the metrics."""
         if self.reduced:
             raise RuntimeError("update() after reduce(): the accumulators already hold global sums")
         x = x.to(self._device())
+        if self.classify is None:
+            labels = None
+        if labels is not None:
+            labels = torch.as_tensor(labels).cpu()
+            self.original_hits += _hits(self.classify(x), labels)
         if self.collect_real_features:
             self.real.append(_as_numpy(self.feature_fn(x)))
         for keep, acc in self.acc.items():
             tokens = self.tokenizer.encode(x, keep)
-            self._accumulate(acc, self.tokenizer.decode(tokens), x, tokens.codes)
+            self._accumulate(acc, self.tokenizer.decode(tokens), x, tokens.codes, labels)
             if self.recovers:
                 from ..models.positions import group_starts
 
@@ -197,10 +210,13 @@ class ReconstructionEvaluator:
                 groups = self.tokenizer.recover_groups(tokens.codes, starts)
                 self.recovery_hits[keep] += torch.tensor([int((groups == tokens.groups).sum()), groups.numel()])
                 xrec = self.tokenizer.decode(dataclasses.replace(tokens, groups=groups))
-                self._accumulate(self.acc_recovered[keep], xrec, x, tokens.codes)
+                self._accumulate(self.acc_recovered[keep], xrec, x, tokens.codes, labels)
 
-    def _accumulate(self, acc: _KeepAccumulator, xrec: torch.Tensor, x: torch.Tensor, codes: torch.Tensor) -> None:
+    def _accumulate(self, acc: _KeepAccumulator, xrec: torch.Tensor, x: torch.Tensor, codes: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> None:
         xrec = xrec.float().clamp(-1, 1)
+        if labels is not None:
+            acc.counts[2:] += _hits(self.classify(xrec), labels)
         acc.sums[0] += psnr_per_image(xrec, x).sum().cpu()
         acc.sums[1] += ssim_per_image(xrec, x).sum().cpu()
         acc.counts[0] += x.shape[0]
@@ -222,6 +238,7 @@ class ReconstructionEvaluator:
                 self.acc_recovered[keep].merge(other.acc_recovered[keep])
                 self.recovery_hits[keep] += other.recovery_hits[keep]
         self.real.extend(other.real)
+        self.original_hits += other.original_hits
 
     def reduce(self, accelerator: Any) -> None:
         """Sum every accumulator over processes and gather the features (call once, on every process).
@@ -242,6 +259,7 @@ class ReconstructionEvaluator:
                 acc.features = [_gather_rows(accelerator, acc.features, device)]
         if self.collect_real_features:
             self.real = [_gather_rows(accelerator, self.real, device)]
+        self.original_hits = accelerator.reduce(self.original_hits.to(device), reduction="sum").cpu()
         self.reduced = True
 
     def results(self) -> dict[int | None, dict[str, float | int | None]]:
@@ -260,6 +278,8 @@ class ReconstructionEvaluator:
                 "num_tokens": acc.num_tokens,
                 "num_images": n,
             }
+            if self.classify is not None and acc.counts[2]:
+                out[keep]["class_accuracy"] = int(acc.counts[3]) / int(acc.counts[2])
             if self.recovers:
                 rec, (hit, total) = self.acc_recovered[keep], self.recovery_hits[keep].tolist()
                 n_rec, n_rec_lpips = int(rec.counts[0]), int(rec.counts[1])
@@ -269,7 +289,14 @@ class ReconstructionEvaluator:
                     lpips_recovered=float(rec.sums[2]) / n_rec_lpips if n_rec_lpips else None,
                     recovery_accuracy=hit / total if total else float("nan"),
                 )
+                if self.classify is not None and rec.counts[2]:
+                    out[keep]["class_accuracy_recovered"] = int(rec.counts[3]) / int(rec.counts[2])
         return out
+
+    def original_class_accuracy(self) -> float | None:
+        """Class accuracy of the input images themselves (None without classify or labels)."""
+        seen, right = self.original_hits.tolist()
+        return right / seen if seen else None
 
     def features(self, keep: int | None, recovered: bool = False) -> np.ndarray:
         """Reconstruction features at keep count K: [N, D] float32 (needs feature_fn); recovered: of the
@@ -285,6 +312,11 @@ class ReconstructionEvaluator:
         if not self.collect_real_features:
             raise ValueError("real features were not collected (feature_fn=None or collect_real_features=False)")
         return _concat(self.real)
+
+
+def _hits(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-> int64 [classified, classified right] of predicted classes [B] against labels [B]."""
+    return torch.tensor([len(labels), int((predicted.cpu() == labels).sum())], dtype=torch.int64)
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:

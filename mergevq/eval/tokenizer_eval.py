@@ -32,6 +32,22 @@ def build_extractor(kind: str):
     raise ValueError(f"features={kind!r}: use inception or random")
 
 
+def build_classifier(config: Mapping[str, Any] | None, data: Mapping[str, Any]):
+    """The class-accuracy classifier of the evaluated data set (``eval.classifier``), or None when
+    ``classifier.enabled`` is false, or 'auto' and the images are over 64 px (no CPU-sized classifier)."""
+    config = dict(config or {"enabled": "auto"})
+    enabled = config.get("enabled", "auto")
+    if enabled not in (True, False, "auto"):
+        raise ValueError(f"classifier.enabled={enabled!r}: use auto, true or false")
+    if enabled is False or (enabled == "auto" and data["size"] > 64):
+        return None
+    from .classifier import classifier_for, recipe_from
+
+    cache = Path(config.get("cache_dir") or default_cache_dir() / "classifiers")
+    return classifier_for(data, cache, recipe_from({k: v for k, v in config.items() if k != "cache_dir"}),
+                          refresh=bool(config.get("refresh", False)))
+
+
 def default_keeps(run_cfg: Mapping[str, Any]) -> list[int | None]:
     """The run's validation keeps, else its train-time candidates; [None] for a non-merging tokenizer."""
     train = run_cfg["train"]
@@ -111,9 +127,10 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         from ..losses import LPIPSLoss
 
         lpips = LPIPSLoss(cfg["lpips"]["pretrained"], cfg["lpips"].get("backbone_weights")).to(accelerator.device)
+    classifier = build_classifier(cfg.get("classifier"), data)
     evaluator = ReconstructionEvaluator(
         tokenizer, keeps, lpips=lpips, feature_fn=lambda x: extractor((x + 1) / 2),
-        collect_real_features=cached_real is None,
+        collect_real_features=cached_real is None, classify=classifier.predict if classifier else None,
     )
     batches = loader
     if accelerator.is_main_process:
@@ -124,7 +141,7 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
     for batch in batches:
         skipped += batch["num_skipped"]
         if "image" in batch:
-            evaluator.update(batch["image"])
+            evaluator.update(batch["image"], batch.get("label"))
     evaluator.reduce(accelerator)
     import torch
 
@@ -176,11 +193,17 @@ def evaluate_tokenizer(cfg: Mapping[str, Any], accelerator, run_dir: Path) -> di
         log.warning("%d of %d images were unreadable and are not counted", skipped, total)
     if lpips is not None:
         card["lpips"] = lpips_info(lpips)
+    if classifier is not None:
+        card["classifier"] = {**classifier.summary(), "original_class_accuracy": evaluator.original_class_accuracy()}
+        card["classifier_accuracy"] = classifier.accuracy
     json_path, md_path = write_card(run_dir, card)
     if cfg.get("plot", True):
         card["plot"] = str(plot_per_k(rows, run_dir / "per_k.png", not meta["extractor_trained"]))
     for row in rows:
         log.info("K=%s rFID=%.3f PSNR=%.2f SSIM=%.4f usage=%.4f", row["keep"], row["rfid"], row["psnr"], row["ssim"], row["code_usage"])
+        if "class_accuracy" in row:
+            log.info("K=%s class accuracy of the reconstructions %.4f (originals %.4f)", row["keep"],
+                     row["class_accuracy"], evaluator.original_class_accuracy())
         if "rfid_recovered" in row:
             log.info("K=%s predicted groups: rFID=%.3f PSNR=%.2f recovery accuracy=%.4f", row["keep"],
                      row["rfid_recovered"], row["psnr_recovered"], row["recovery_accuracy"])
