@@ -14,7 +14,7 @@ from helpers.models import write_tokenizer_run
 from safetensors.torch import load_file
 
 from mergevq.data import build_dataset
-from mergevq.data.code_cache import CodeCache, CodeCacheWriter, is_canonical, merge_rank_indexes
+from mergevq.data.code_cache import CodeCache, CodeCacheWriter, KeepPerSample, is_canonical, merge_rank_indexes, training_items
 from mergevq.entries.pretokenize import check_out_dir
 from mergevq.runs.card import sha256_file
 from mergevq.runs.restore import load_trained_tokenizer
@@ -77,6 +77,24 @@ def test_writer_reader_round_trip(tmp_path):
         cache[12]
     loader = torch.utils.data.DataLoader(cache, batch_size=5, shuffle=True)
     assert sum(batch["grid_codes"].shape[0] for batch in loader) == 12
+
+
+def test_items_at_chosen_keeps_only(tmp_path):
+    """codes_keeps: the raster baseline trains on the K = L items of a cache that also holds merged ones."""
+    writer = CodeCacheWriter(tmp_path, shard_size=4, meta={"grid": [4, 4], "keeps_per_image": 3})
+    for keep in (4, 9, 16):  # every image at three K
+        codes, groups = fake_batch(5, keep, seed=keep)
+        writer.add(codes, groups, torch.full((5,), keep), torch.arange(5), torch.zeros(5, dtype=torch.bool), torch.arange(5))
+    writer.close()
+    cache = CodeCache(tmp_path)
+    assert isinstance(training_items(cache), KeepPerSample) and len(training_items(cache)) == 5
+    for keeps, expected in (([16], {16}), ([4, 9], {4, 9})):
+        items = training_items(cache, keeps)
+        torch.manual_seed(0)
+        drawn = {int(items[i]["keep"]) for _ in range(8) for i in range(len(items))}
+        assert len(items) == 5 and drawn == expected
+    with pytest.raises(ValueError, match=r"no item at K in \[25\].*\[4, 9, 16\]"):
+        training_items(cache, [25])
 
 
 def test_writer_rejects_non_canonical_groups(tmp_path):
@@ -175,3 +193,18 @@ def test_tokenize_entry(run_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     redo = CodeCache(out)
     assert all(torch.equal(redo[i]["grid_codes"], items[i]["grid_codes"]) for i in range(len(redo)))
+
+
+def test_one_stem_pass_for_several_keeps_gives_the_same_tokens(run_dir):
+    """pretokenize keeps_per_image=n runs the stem once per batch: the tokens equal n separate encodes."""
+    from mergevq.entries.pretokenize import encode_batch
+
+    tokenizer, _, _ = load_trained_tokenizer(run_dir, "ema")
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    keeps = torch.tensor([16, 64, 25, 16, 36, 64])
+    shared = encode_batch(tokenizer, images, keeps, tokenizer.stem_tokens(images))
+    separate = encode_batch(tokenizer, images, keeps)
+    assert [rows.tolist() for rows, _ in shared] == [rows.tolist() for rows, _ in separate] and len(shared) == 4
+    for (_, a), (_, b) in zip(shared, separate):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.groups, b.groups)
+        torch.testing.assert_close(a.cls, b.cls)  # the stem ran on other batch sizes: equal to rounding

@@ -75,6 +75,15 @@ def test_one_training_step_reaches_every_parameter():
     assert not missing, f"no gradient reached: {missing}"
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_recovery_detach_stops_its_gradient_at_the_quantized_tokens(detach):
+    tok = tiny("gr", enabled=True, width=32, num_heads=2, detach_input=detach).train()
+    _, aux = tok(torch.rand(2, 3, 32, 32) * 2 - 1, keep=36)
+    aux["losses"]["recovery"].backward()
+    reached = lambda module: any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())  # noqa: E731
+    assert reached(tok.recovery) and reached(tok.encoder) != detach
+
+
 def test_source_recovery_predicts_groups_for_decoding():
     tok = tiny("gr", enabled=True, width=32, num_heads=2).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

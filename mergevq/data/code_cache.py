@@ -313,18 +313,26 @@ class KeepPerSample(Dataset):
     """One item per (source image, flip) of a cache that holds several K per image
     (``mergevq.entries.pretokenize keeps_per_image=n``): each access returns one of that image's items, picked
     with torch's global RNG, which ``SeededItems`` seeds by (seed, epoch, index), so K is drawn
-    afresh per sample and epoch and a resumed run draws the same."""
+    afresh per sample and epoch and a resumed run draws the same. ``keeps`` restricts the items to those
+    K (e.g. the raster baseline trains on the K = L items of a cache that also holds merged ones); an
+    image without an item at those K is left out."""
 
-    def __init__(self, cache: CodeCache):
+    def __init__(self, cache: CodeCache, keeps: Sequence[int] | None = None):
         self.cache = cache
+        wanted = None if keeps is None else {int(k) for k in keeps}
         items: dict[tuple[int, bool], list[int]] = {}
         start = 0
         for shard in cache.meta["shards"]:
             with safe_open(str(cache.directory / shard["file"]), framework="pt") as handle:
-                keys = zip(handle.get_tensor("index").tolist(), handle.get_tensor("flip").tolist())
-                for offset, key in enumerate(keys):
-                    items.setdefault(key, []).append(start + offset)
+                keys = zip(handle.get_tensor("index").tolist(), handle.get_tensor("flip").tolist(),
+                           handle.get_tensor("keep").tolist())
+                for offset, (index, flip, keep) in enumerate(keys):
+                    if wanted is None or keep in wanted:
+                        items.setdefault((index, flip), []).append(start + offset)
             start += int(shard["count"])
+        if not items:
+            raise ValueError(f"the code cache {cache.directory} holds no item at K in {sorted(wanted)}: "
+                             f"its K are {cache_contents(cache)['keeps']}")
         self.items = [items[key] for key in sorted(items)]
 
     def __len__(self) -> int:
@@ -335,9 +343,12 @@ class KeepPerSample(Dataset):
         return self.cache[choices[int(torch.randint(len(choices), ())) if len(choices) > 1 else 0]]
 
 
-def training_items(cache: CodeCache) -> Dataset:
-    """What stage II iterates: ``KeepPerSample`` when the cache holds several K per image, else the cache."""
-    return KeepPerSample(cache) if int(cache.meta.get("keeps_per_image", 1)) > 1 else cache
+def training_items(cache: CodeCache, keeps: Sequence[int] | None = None) -> Dataset:
+    """What stage II iterates: ``KeepPerSample`` when the cache holds several K per image or only the
+    items at ``keeps`` are wanted, else the cache itself."""
+    if keeps is not None or int(cache.meta.get("keeps_per_image", 1)) > 1:
+        return KeepPerSample(cache, keeps)
+    return cache
 
 
 def cache_contents(cache: CodeCache) -> dict[str, list[int]]:

@@ -70,9 +70,12 @@ class Stage2Trainer(Trainer):
         self.cache = CodeCache(cfg["codes"])
         contents = cache_contents(self.cache)
         check_labels(contents["classes"], int(cfg["num_classes"]), f"the code cache {cfg['codes']}")
+        keeps = cfg.get("codes_keeps")
+        if keeps is not None:  # train on the items at these K only (the cache may hold others)
+            contents["keeps"] = [k for k in contents["keeps"] if k in set(keeps)]
         acc = build_accelerator(cfg["backend"])
         session.attach(acc)
-        self.setup_loop(acc, SeededItems(training_items(self.cache), cfg["seed"]), "the code cache")
+        self.setup_loop(acc, SeededItems(training_items(self.cache, keeps), cfg["seed"]), "the code cache")
         model, self.mergear = build_generator(cfg, {**self.cache.meta, **contents})
         set_activation_checkpointing(model, bool(train.get("activation_checkpointing", False)))
         compile_in_place([model], cfg["backend"].get("compile", False))

@@ -183,13 +183,20 @@ def clear_out_dir(out: Path) -> None:
 # --------------------------------------------------------------------------------------------- task
 
 
-def encode_batch(tokenizer: nn.Module, images: torch.Tensor, keeps: torch.Tensor):
-    """images [B, 3, S, S], keeps [B] -> [(rows [n], Tokens)] with one encode call per distinct K."""
+def encode_batch(tokenizer: nn.Module, images: torch.Tensor, keeps: torch.Tensor, stem: torch.Tensor | None = None):
+    """images [B, 3, S, S], keeps [B] -> [(rows [n], Tokens)] with one encode call per distinct K.
+
+    stem: the MergeVQ tokenizer's ``stem_tokens(images)`` [B, L, C], computed once for every K."""
     out = []
     for keep in keeps.unique().tolist():
         rows = (keeps == keep).nonzero().squeeze(1)
+        index = rows.to(images.device)
         with torch.no_grad():
-            out.append((rows, tokenizer.encode(images[rows.to(images.device)], keep=int(keep))))
+            if stem is None:
+                tokens = tokenizer.encode(images[index], keep=int(keep))
+            else:
+                tokens = tokenizer.encode(images[index], keep=int(keep), stem=stem[index])
+        out.append((rows, tokens))
     return out
 
 
@@ -259,9 +266,10 @@ def tokenize(cfg: Mapping[str, Any], accelerator) -> dict[str, Any]:
         for flip in views:
             x = images.flip(-1) if flip else images
             draws = [plan.draw_many(i, flip, per_image) for i in batch["index"].tolist()]
+            stem = tokenizer.stem_tokens(x) if per_image > 1 and hasattr(tokenizer, "stem_tokens") else None
             for round_ in range(per_image):  # round r encodes every image at its r-th K
                 keeps = torch.tensor([d[round_] for d in draws], dtype=torch.long)
-                for rows, tokens in encode_batch(tokenizer, x, keeps):
+                for rows, tokens in encode_batch(tokenizer, x, keeps, stem):
                     writer.add(tokens.codes, tokens.groups, keeps[rows], batch["label"][rows],
                                torch.full((len(rows),), flip), batch["index"][rows])
     writer.close()

@@ -165,9 +165,11 @@ class MergeVQEncoder(nn.Module):
         grid = tokens.transpose(1, 2)[..., None]  # [B, C, K, 1]; GN statistics ignore the token layout
         return self.conv_out(self.act_out(self.norm_out(grid)))[..., 0].transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, schedule: Sequence[int]):
-        """x [B, 3, H, W] -> (z [B, K, z_channels] in ToMe order, groups [B, L], cls [B, C])."""
-        out, groups = self.transformer(self.tokens(x), schedule)
+    def forward(self, x: torch.Tensor, schedule: Sequence[int], tokens: torch.Tensor | None = None):
+        """x [B, 3, H, W] -> (z [B, K, z_channels] in ToMe order, groups [B, L], cls [B, C]).
+
+        tokens: ``self.tokens(x)`` when already computed (encoding one batch at several K runs the stem once)."""
+        out, groups = self.transformer(self.tokens(x) if tokens is None else tokens, schedule)
         return self.latent_head(out[:, 1:]), groups, out[:, 0]
 
     def align(self, cls: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,7 @@ def build_tokenizer(
         recovery=source_recovery,
         default_keep=spec["keep"],
         align_merge=tokenizer.get("align_merge", "official"),
+        recovery_detach=bool((recovery or {}).get("detach_input", False)),
     )
     tok.keep_policy = spec["keep_policy"]  # K: nominal, candidates, reachable range, the per-step draw
     return tok

@@ -20,6 +20,8 @@ class MergeVQTokenizer(nn.Module):
     """Stateless tokenizer: the keep count K is an argument of every call.
 
     default_keep is only the value used when keep is None (the variant's nominal K).
+    recovery_detach: Source Recovery learns from the quantized tokens without sending its loss back into
+    the encoder (a stop-gradient; the paper and the official code say nothing about it; joint by default).
     align_merge chooses how the alignment (CLS) branch merges on its own view size:
     'official' applies the reconstruction schedule's per-layer counts (capped by the smaller
     token count, as the official code does), 'ratio' keeps the same fraction K/L of the view's
@@ -34,6 +36,7 @@ class MergeVQTokenizer(nn.Module):
         recovery: SourceRecovery | None = None,
         default_keep: int | None = None,
         align_merge: str = "official",
+        recovery_detach: bool = False,
     ):
         super().__init__()
         if align_merge not in ALIGN_MERGES:
@@ -41,6 +44,7 @@ class MergeVQTokenizer(nn.Module):
         self.encoder, self.decoder, self.quantizer, self.recovery = encoder, decoder, quantizer, recovery
         self.default_keep = default_keep
         self.align_merge = align_merge
+        self.recovery_detach = recovery_detach
 
     # ------------------------------------------------------------------ helpers
     def grid(self, x: torch.Tensor) -> tuple[int, int]:
@@ -53,10 +57,10 @@ class MergeVQTokenizer(nn.Module):
             keep = num_positions if self.default_keep is None else self.default_keep
         return merge_schedule(num_positions, keep, self.encoder.depth)
 
-    def _encode(self, x: torch.Tensor, keep: int | None):
+    def _encode(self, x: torch.Tensor, keep: int | None, stem: torch.Tensor | None = None):
         """-> (z [B,K,z] canonical order, z_q, codes [B,K], groups [B,L], cls, grid, quantizer losses)."""
         grid = self.grid(x)
-        z, groups, cls = self.encoder(x, self.schedule(grid[0] * grid[1], keep))
+        z, groups, cls = self.encoder(x, self.schedule(grid[0] * grid[1], keep), stem)
         order, groups = canonical_order(groups, z.shape[1])
         z = z.gather(1, order[..., None].expand(-1, -1, z.shape[-1]))
         z_q, codes, losses = self.quantizer(z)
@@ -72,10 +76,18 @@ class MergeVQTokenizer(nn.Module):
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, keep: int | None = None) -> Tokens:
-        """x [B, 3, H, W] in [-1, 1] -> Tokens(codes [B, K], groups [B, L], cls [B, C], grid)."""
-        _, _, codes, groups, cls, grid, _ = self._encode(x, keep)
+    def encode(self, x: torch.Tensor, keep: int | None = None, stem: torch.Tensor | None = None) -> Tokens:
+        """x [B, 3, H, W] in [-1, 1] -> Tokens(codes [B, K], groups [B, L], cls [B, C], grid).
+
+        stem: ``stem_tokens(x)`` [B, L, C] when the same images are encoded at several K (the stem, most
+        of an encode's cost, does not depend on K); the codes are those of an encode without it."""
+        _, _, codes, groups, cls, grid, _ = self._encode(x, keep, stem)
         return Tokens(codes=codes, groups=groups, cls=cls, grid=grid)
+
+    @torch.no_grad()
+    def stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, H, W] -> the stem's tokens [B, L, C] in raster order (before any merging)."""
+        return self.encoder.tokens(x)
 
     def decode(self, tokens: Tokens) -> torch.Tensor:
         """Tokens -> image [B, 3, H, W]."""
@@ -105,7 +117,7 @@ class MergeVQTokenizer(nn.Module):
         xrec = self._decode_latents(z_q, groups, grid)
         losses = dict(losses)
         if self.recovery is not None:
-            logits = self.recovery(z_q, group_starts(groups, z_q.shape[1]))
+            logits = self.recovery(z_q.detach() if self.recovery_detach else z_q, group_starts(groups, z_q.shape[1]))
             losses["recovery"] = recovery_loss(logits, groups)
             losses["recovery_accuracy"] = (logits.argmax(-1) == groups).float().mean().detach()
         return xrec, {"z": z, "codes": codes, "groups": groups, "cls": cls, "losses": losses}
