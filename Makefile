@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE ?= 1
 .PHONY: help install test test-all lint demo summary eval probe tokenize train-ar sample bench bench-ar reconstruct export-hub report eval-sweep train-multinode sweep-slurm train-tokenizer train-tokenizer-ddp sweep-merge sweep-codebook check-docs study
 NPROC ?= 2
 DEMO_DIR ?= outputs/demo
+# every demo route: 20 samples per class (200), classifier-free guidance 3, scored against 400 held-out images
+DEMO_SAMPLING := per_class=20 cfg_scale=3.0 evaluate.enabled=true evaluate.num_reference=400
 # make reconstruct's default input: the two photos scikit-learn ships (china.jpg, flower.jpg)
 INPUT ?= $(shell $(PY) -c "import pathlib, sklearn.datasets as d; print(pathlib.Path(d.__file__).parent / 'images')")
 
@@ -41,18 +43,16 @@ lint: $(STAMP) ## ruff
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.entries.summary $(ARGS)
 
-demo: $(STAMP) ## the whole pipeline on the CPU (about 15 minutes on 2 idle cores): tokenizer, rFID per K, raster / MergeAR / RandAR, samples, gFID
+demo: $(STAMP) ## the whole pipeline on the CPU (about 40 minutes on 2 AVX2 cores): tokenizer, rFID and class accuracy per K, raster / MergeAR / RandAR, samples, gFID, index.html
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.entries.train_tokenizer experiment=demo_tiny $(ARGS)
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,36,64] num_images=40 lpips.enabled=false
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_mergear $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_mergear keep_range=[25,64] keeps_per_image=4 num_images=2048 overwrite=true
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_raster $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_raster keep=64 num_images=2048 overwrite=true
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize_randar $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes_randar keep=25 num_images=2048 overwrite=true
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_mergear generator=mergear
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes_raster generator=raster
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_randar $(PY) -m mergevq.entries.train_ar experiment=demo_randar codes=$(DEMO_DIR)/codes_randar
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_mergear per_class=10 keep=25 budget=strict evaluate.enabled=true evaluate.num_reference=400
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_raster per_class=10 evaluate.enabled=true evaluate.num_reference=400
-	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar per_class=10 keep=25 evaluate.enabled=true evaluate.num_reference=400
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,25,36,64] num_images=40 lpips.enabled=false
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes keep_range=[25,64] keeps_per_image=4 batch_size=256 overwrite=true
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_raster $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes generator=raster codes_keeps=[64]
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_mergear $(PY) -m mergevq.entries.train_ar experiment=demo_ar codes=$(DEMO_DIR)/codes generator=mergear codes_keeps=[36]
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/ar_randar $(PY) -m mergevq.entries.train_ar experiment=demo_randar codes=$(DEMO_DIR)/codes
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_raster $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_raster $(DEMO_SAMPLING)
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_mergear $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_mergear keep=36 budget=strict $(DEMO_SAMPLING)
+	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar keep=36 $(DEMO_SAMPLING)
 	$(PY) -m mergevq.entries.demo_report $(DEMO_DIR)
 
 study: $(STAMP) ## the small-scale reproduction study into docs/results (about an hour on 2 CPU cores; GPU: ARGS="scale=gpu backend=gpu")

@@ -20,7 +20,16 @@ from mergevq.entries.cli import CONF_DIR, MODULES, check_preset
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAKEFILE = ROOT / "Makefile"
-MAKE_DEFAULTS = {"DEMO_DIR": "outputs/demo", "NPROC": "2", "PY": "python", "VENV": ".venv", "INPUT": "image.png"}
+
+
+def make_variables() -> dict[str, str]:
+    """The Makefile's plain variable assignments (`NAME ?= value`, `NAME := value`); `$(shell ...)` ones and
+    the interpreter are replaced by stand-ins."""
+    found = dict(re.findall(r"^([A-Z_]+) *[?:]?= *(.*)$", MAKEFILE.read_text(), flags=re.M))
+    return {**{k: v for k, v in found.items() if "$(shell" not in v}, "PY": "python", "INPUT": "image.png"}
+
+
+MAKE_DEFAULTS = make_variables()
 
 
 def readme_commands() -> list[str]:
@@ -70,7 +79,9 @@ def entry_calls(command: str) -> list[tuple[str, list[str]]]:
     words = shlex.split(command)
     if words[0] == "make":
         variables = dict(MAKE_DEFAULTS, **dict(w.split("=", 1) for w in words[2:] if "=" in w))
-        lines = [re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), ""), r) for r in recipes()[words[1]]]
+        lines = recipes()[words[1]]
+        for _ in range(2):  # a variable may name another one
+            lines = [re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), ""), r) for r in lines]
         return [call for line in lines if "$$(" not in line for call in entry_calls(line)]
     match = re.search(r"-m mergevq\.entries\.(\w+)", command)
     config = match and {module: name for name, module in MODULES.items()}.get(match.group(1), match.group(1))

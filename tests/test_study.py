@@ -86,7 +86,8 @@ def _fake_work(work: Path) -> None:
         (work / folder).mkdir()
         (work / folder / "sampling.json").write_text(json.dumps({"keep": 36, "positions": 64, "steps": 9, "num_samples": 20,
                                                                  "peak_kv_max": kv, "peak_kv_mean": kv}))
-        card(work / folder, {"gfid": gfid, "precision": 0.1, "recall": 0.2}, reference={"num_images": 16})
+        card(work / folder, {"gfid": gfid, "precision": 0.1, "recall": 0.2, "class_accuracy": gfid / 400},
+             reference={"num_images": 16}, classifier_accuracy=0.9)
 
 
 def test_results_writer_gives_every_table_plot_and_json(tmp_path):
@@ -102,7 +103,10 @@ def test_results_writer_gives_every_table_plot_and_json(tmp_path):
     text = written["readme"].read_text()
     assert text.count("\n## ") == 6 and "1.0 minutes" in text
     assert "MergeAR" not in json.dumps(json.loads(written["generation"].read_text())["rows"])  # only what ran
-    assert "RandAR + recovery 1.15x the raster gFID with 47/63 peak KV entries" in text
+    assert "RandAR + recovery 1.15x the raster gFID, class accuracy +7.5 points, 47/63 peak KV entries in 9/9 steps" in text
+    assert "trend agrees on quality" in text
+    rows = json.loads(written["generation"].read_text())["rows"]
+    assert [r["class_accuracy"] for r in rows] == [0.5, 0.575] and rows[0]["classifier_accuracy"] == 0.9
     assert "(no evaluation cards: the sweep did not run)" in text
 
 
