@@ -43,7 +43,7 @@ lint: $(STAMP) ## ruff
 summary: $(STAMP) ## parameter/GFLOP table, e.g. make summary ARGS="tokenizer=d64 variant=gr"
 	$(PY) -m mergevq.entries.summary $(ARGS)
 
-demo: $(STAMP) ## the whole pipeline on the CPU (about 40 minutes on 2 AVX2 cores): tokenizer, rFID and class accuracy per K, raster / MergeAR / RandAR, samples, gFID, index.html
+demo: $(STAMP) ## the whole pipeline on the CPU (about 45 minutes on 2 AVX2 cores): tokenizer, rFID and class accuracy per K, raster / MergeAR / RandAR, samples, gFID, index.html
 	MERGEVQ_RUN_DIR=$(DEMO_DIR) $(PY) -m mergevq.entries.train_tokenizer experiment=demo_tiny $(ARGS)
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/eval $(PY) -m mergevq.entries.evaluate ckpt=$(DEMO_DIR) keeps=[16,25,36,64] num_images=40 lpips.enabled=false
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/logs/tokenize $(PY) -m mergevq.entries.pretokenize ckpt=$(DEMO_DIR) out=$(DEMO_DIR)/codes keep_range=[25,64] keeps_per_image=4 batch_size=256 overwrite=true
@@ -55,7 +55,7 @@ demo: $(STAMP) ## the whole pipeline on the CPU (about 40 minutes on 2 AVX2 core
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar keep=36 $(DEMO_SAMPLING)
 	$(PY) -m mergevq.entries.demo_report $(DEMO_DIR)
 
-study: $(STAMP) ## the small-scale reproduction study into docs/results (about an hour on 2 CPU cores; GPU: ARGS="scale=gpu backend=gpu")
+study: $(STAMP) ## the small-scale reproduction study into docs/results (about two hours on 2 AVX2 cores; GPU: ARGS="scale=gpu backend=gpu")
 	$(PY) -m mergevq.entries.study $(ARGS)
 
 eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps=[16,36,64] num_images=1000"]

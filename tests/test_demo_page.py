@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mergevq.entries.demo_report import GENERATION_KEYS, report
+from mergevq.entries.demo_report import GENERATION_KEYS, per_class_rows, report
 from mergevq.runs.browser import find_chromium, render
 
 KEEPS = (16, 25, 36, 64)
@@ -54,7 +54,7 @@ def demo_dir(root):
         write(folder / "eval_card.json", {"metrics": {"gfid": 120.0, "precision": 0.3, "recall": 0.1,
                                                       "class_accuracy": 0.7 - index / 20},
                                           "classifier_accuracy": 0.91, "reference": {"num_images": 400},
-                                          "class_accuracy": {"per_class": {"0": 0.7}}})
+                                          "class_accuracy": {"per_class": {"0": 0.7, "1": (4 + index) / 10}}})
     return run
 
 
@@ -75,6 +75,9 @@ def test_report_writes_every_table_and_the_page(tmp_path):
             *(f"samples_{route}/samples.png" for route in ROUTES)} == set(sources)
     assert all((run / src).is_file() for src in sources)
     assert "class accuracy 0.700" in page and "Generation routes" in page
+    assert per_class_rows(rows) == [{"class": 0, "raster": 0.7, "mergear": 0.7, "randar": 0.7},
+                                    {"class": 1, "raster": 0.4, "mergear": 0.5, "randar": 0.6}]
+    assert "Class accuracy per class" in page
 
 
 def test_page_without_samples_or_evaluation_still_has_the_tokenizer(tmp_path):

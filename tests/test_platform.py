@@ -60,6 +60,27 @@ def preset_cases():
     return cases
 
 
+def test_recipe_search_points_each_change_one_thing_of_the_demo_recipe(tmp_path):
+    """sweep=recipe32: every point names an ablation file, and each ablation differs from experiment=demo_tiny
+    in what it says (and only there: the run settings the sweep fixes aside)."""
+    points = yaml.safe_load((CONF_DIR / "sweep" / "recipe32.yaml").read_text())["hydra"]["sweeper"]["params"]["ablation"]
+    names = points.split(",")
+    assert sorted(names) == sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
+
+    def flat(tree, prefix=""):
+        return {k: v for key, value in tree.items() for k, v in (flat(value, f"{prefix}{key}.").items()
+                                                                  if isinstance(value, dict) else [(prefix + key, value)])}
+
+    base = flat(resolved("train_tokenizer", ["experiment=demo_tiny"], tmp_path))
+    for name in names:
+        changed = flat(resolved("train_tokenizer", ["experiment=demo_tiny", f"ablation={name}"], tmp_path))
+        written = flat(yaml.safe_load((CONF_DIR / "ablation" / f"{name}.yaml").read_text()) or {})
+        differ = {k for k in base if base[k] != changed.get(k)}
+        assert differ == {k for k in written if base.get(k) != written[k]}, name
+        assert all(changed[k] == v for k, v in written.items()), name
+        assert (name == "none") == (not differ), name
+
+
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "wandb" else k for k in LOGGER_KINDS])
 def test_every_preset_and_sweep_builds_every_logger(kind, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb.init checks every argument, writes nothing

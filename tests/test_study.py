@@ -29,7 +29,7 @@ def test_plan_covers_every_variant_route_and_sweep():
     assert len(names) == len(set(names))
     for variant in ("g", "gr", "r"):
         assert names.index(f"train_{variant}") < names.index(f"evaluate_{variant}") < names.index(f"probe_{variant}")
-    assert names.index("codes_merged") < names.index("ar_mergear") < names.index("samples_mergear_strict")
+    assert names.index("codes") < names.index("ar_mergear") < names.index("samples_mergear_strict")
     assert {"samples_raster", "samples_mergear_soft", "samples_randar", "sweep_codebook_report"} <= set(names)
     evaluate_g = next(s for s in stages if s.name == "evaluate_g")
     keeps = json.loads(next(a for a in evaluate_g.args if a.startswith("keeps=")).split("=", 1)[1])

@@ -77,6 +77,14 @@ def eval_rows(card: dict) -> list[dict]:
     return rows
 
 
+def per_class_rows(generators: list[dict]) -> list[dict]:
+    """One row per class: each route's fraction of samples the classifier assigns to their class."""
+    scored = [g for g in generators if g.get("class_accuracy_per_class")]
+    classes = sorted({int(c) for g in scored for c in g["class_accuracy_per_class"]})
+    return [{"class": c, **{g["generator"]: g["class_accuracy_per_class"].get(str(c), g["class_accuracy_per_class"].get(c))
+                            for g in scored}} for c in classes]
+
+
 def sample_figure(run_dir: Path, row: dict) -> str:
     grid = Path(f"samples_{row['generator']}") / "samples.png"
     if not (run_dir / grid).is_file():
@@ -90,12 +98,12 @@ def sample_figure(run_dir: Path, row: dict) -> str:
 
 
 def summary_line(val_rows: list[dict], generators: list[dict]) -> str:
-    """The demo in one sentence: held-out PSNR at the smallest and largest validated K, each route's class accuracy."""
+    """The demo in one sentence: held-out PSNR at every validated K (largest first), each route's class accuracy."""
     parts = []
     if val_rows:
-        low, high = val_rows[0], val_rows[-1]
-        parts.append(f"tokenizer PSNR {float(high['psnr']):.2f} dB at K = {high['keep']}, {float(low['psnr']):.2f} dB at "
-                     f"K = {low['keep']}")
+        rows = val_rows[::-1]
+        psnr = " / ".join(f"{float(r['psnr']):.2f}" for r in rows)
+        parts.append(f"tokenizer PSNR {psnr} dB at K = {' / '.join(str(r['keep']) for r in rows)}")
     accuracies = [f"{g['generator']} {g['class_accuracy']:.3f}" for g in generators if g.get("class_accuracy") is not None]
     if accuracies:
         parts.append("class accuracy of the samples: " + ", ".join(accuracies))
@@ -124,11 +132,13 @@ def write_index(run_dir: Path, val_rows: list[dict], card: dict, generators: lis
         sections.append((f"Evaluation ({card['num_images']} held-out images, {card['feature_extractor']['name']})",
                          table(eval_rows(card)) + note + plot))
     if generators:
-        sections.append(("Class-conditional samples (one row per class)", '<div class="grid">' + "".join(
+        sections.append(("Class-conditional samples (one row per class)", '<div class="grid wide">' + "".join(
             sample_figure(run_dir, row) for row in generators) + "</div>"))
         sections.append(("Generation routes", table(generators, GENERATION_COLUMNS)
                          + '<p class="note">class accuracy, gFID, precision and recall from fewer than 1,000 samples: '
                            "trend only.</p>"))
+        if per_class_rows(generators):
+            sections.append(("Class accuracy per class (row order of the sample grids)", table(per_class_rows(generators))))
     links = " | ".join(f'<a href="{name}">{name}</a>' for name in ("per_k.md", "generation.json", "report.html",
                                                                     "eval/eval_card.md") if (run_dir / name).is_file())
     intro = f"<p><b>{html.escape(summary_line(val_rows, generators))}</b></p><p>{html.escape(str(run_dir))}: {links}</p>"

@@ -104,30 +104,28 @@ def plan(config: Mapping[str, Any]) -> list[Stage]:
 
 
 def generation_stages(config: Mapping[str, Any], common: list[str]) -> list[Stage]:
-    """Code caches of the generation tokenizer, the three generators, four samplings with gFID."""
+    """One code cache of the generation tokenizer (each training image at four K), the three generators
+    (raster on the cache's K = L items, MergeAR and RandAR on the items at the K they sample at), four
+    samplings with gFID and class accuracy."""
     scale = config["scale"]
     tokenizer, keep = f"{{work}}/tok_{config['generation_variant']}", scale["generation_keep"]
     lo, hi = scale["keep_range"]
-    stages = [
-        Stage("codes_merged", "pretokenize", [f"ckpt={tokenizer}", "out={work}/codes_merged", f"keep_range=[{lo},{hi}]",
-                                              "keeps_per_image=4", f"num_images={scale['codes_images']}", "overwrite=true",
-                                              *common],
-              "logs/codes_merged", "codes_merged/index.json"),
-        Stage("codes_raster", "pretokenize", [f"ckpt={tokenizer}", "out={work}/codes_raster", f"keep={hi}",
-                                              f"num_images={scale['codes_images']}", "overwrite=true", *common],
-              "logs/codes_raster", "codes_raster/index.json"),
-    ]
-    ar_common = [f"train.max_steps={scale['ar_steps']}", f"train.ckpt_every={scale['ar_steps']}",
-                 f"train.global_batch_size={scale['ar_batch']}", "train.progress=false",
+    images = [] if scale["codes_images"] is None else [f"num_images={scale['codes_images']}"]
+    stages = [Stage("codes", "pretokenize", [f"ckpt={tokenizer}", "out={work}/codes", f"keep_range=[{lo},{hi}]",
+                                             "keeps_per_image=4", "batch_size=256", *images, "overwrite=true", *common],
+                    "logs/codes", "codes/index.json")]
+    ar_common = [f"train.global_batch_size={scale['ar_batch']}", "train.progress=false",
                  f"train.lr_schedule.warmup_steps={scale['ar_warmup']}",
                  f"seed={config['seed']}", f"num_classes={config['num_classes']}", *common]
-    for name, preset, codes, generator in (("ar_raster", "demo_ar", "codes_raster", "raster"),
-                                           ("ar_mergear", "demo_ar", "codes_merged", "mergear"),
-                                           ("ar_randar", "demo_randar", "codes_merged", "randar")):
-        stages.append(Stage(name, "train_ar", [f"experiment={preset}", f"codes={{work}}/{codes}", f"generator={generator}", *ar_common],
-                            name, f"{name}/checkpoints/step_{scale['ar_steps']:08d}", resumes=True, group="generation"))
-    sample_common = [f"per_class={scale['per_class']}", "evaluate.enabled=true", f"evaluate.num_reference={scale['num_reference']}",
-                     f"evaluate.features={config['features']}",
+    for name, preset, generator, keeps, steps in (("ar_raster", "demo_ar", "raster", hi, scale["ar_steps"]),
+                                                  ("ar_mergear", "demo_ar", "mergear", keep, scale["ar_steps"]),
+                                                  ("ar_randar", "demo_randar", "randar", keep, scale["randar_steps"])):
+        stages.append(Stage(name, "train_ar", [f"experiment={preset}", "codes={work}/codes", f"generator={generator}",
+                                               f"codes_keeps=[{keeps}]", f"train.max_steps={steps}",
+                                               f"train.ckpt_every={steps}", *ar_common],
+                            name, f"{name}/checkpoints/step_{steps:08d}", resumes=True, group="generation"))
+    sample_common = [f"per_class={scale['per_class']}", f"cfg_scale={scale['cfg_scale']}", "evaluate.enabled=true",
+                     f"evaluate.num_reference={scale['num_reference']}", f"evaluate.features={config['features']}",
                      "progress=false", "batch_size=50", *common]
     for name, run, extra in (("samples_raster", "ar_raster", []),
                              ("samples_mergear_strict", "ar_mergear", [f"keep={keep}", "budget=strict"]),

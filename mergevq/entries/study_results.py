@@ -331,9 +331,11 @@ def readme_text(meta: Mapping[str, Any], tables: Mapping[str, list], plots: Mapp
             "", f"**features={meta['features']}: rFID and gFID here come from an untrained, randomly initialised network "
                 "(a smoke run): they are not FIDs and say nothing about the method.**"]),
         "",
-        f"Tokenizers: G, G+R and R at `tokenizer=tiny`, {scale['tokenizer_steps']} steps each (batch 16, the "
-        f"`demo_tiny` recipe with Source Recovery on). Generators: `ar=tiny`, {scale['ar_steps']} steps each on the "
-        f"G+R code cache ({scale['codes_images']} training images).",
+        f"Tokenizers: G, G+R and R at `tokenizer=tiny`, {scale['tokenizer_steps']} steps each (the `demo_tiny` "
+        f"recipe with Source Recovery on). Generators: `ar=tiny` at batch {scale['ar_batch']}, raster and MergeAR "
+        f"{scale['ar_steps']} steps, RandAR {scale['randar_steps']}, on the G+R code cache of "
+        f"{scale['codes_images'] or 'all'} training images (raster on its K = {scale['keep_range'][1]} items, MergeAR "
+        f"and RandAR on its K = {scale['generation_keep']} items); samples with CFG {scale['cfg_scale']}.",
         "",
         "## 1. Reconstruction vs K",
         "",

@@ -13,10 +13,10 @@ from pathlib import Path
 from .atomic import atomic_write_text
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 12px}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+table{border-collapse:collapse;margin:8px 0;display:block;overflow-x:auto;max-width:100%}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 th{background:#f3f3f3}figure{margin:12px 0}figure img{image-rendering:pixelated;max-width:100%}
 figcaption{color:#444;font-size:90%}.note{color:#666;font-size:90%}.grid{display:flex;flex-wrap:wrap;gap:16px}
-.grid figure{flex:1 1 300px}.grid figure img{width:100%}"""
+.grid figure{flex:1 1 300px}.grid figure img{width:100%}.wide figure{flex:1 1 600px}"""
 
 
 def fmt(value) -> str:
