@@ -14,7 +14,14 @@ from helpers.models import write_tokenizer_run
 from safetensors.torch import load_file
 
 from mergevq.data import build_dataset
-from mergevq.data.code_cache import CodeCache, CodeCacheWriter, KeepPerSample, is_canonical, merge_rank_indexes, training_items
+from mergevq.data.code_cache import (
+    CodeCache,
+    CodeCacheWriter,
+    KeepPerSample,
+    is_canonical,
+    merge_rank_indexes,
+    training_items,
+)
 from mergevq.entries.pretokenize import check_out_dir
 from mergevq.runs.card import sha256_file
 from mergevq.runs.restore import load_trained_tokenizer
