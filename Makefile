@@ -55,7 +55,7 @@ demo: $(STAMP) ## the whole pipeline on the CPU (about 45 minutes on 2 AVX2 core
 	MERGEVQ_RUN_DIR=$(DEMO_DIR)/samples_randar $(PY) -m mergevq.entries.sample ckpt=$(DEMO_DIR)/ar_randar keep=36 $(DEMO_SAMPLING)
 	$(PY) -m mergevq.entries.demo_report $(DEMO_DIR)
 
-study: $(STAMP) ## the small-scale reproduction study into docs/results (about two hours on 2 AVX2 cores; GPU: ARGS="scale=gpu backend=gpu")
+study: $(STAMP) ## the small-scale reproduction study into docs/results (about 2.3 hours on 2 AVX2 cores; GPU: ARGS="scale=gpu backend=gpu")
 	$(PY) -m mergevq.entries.study $(ARGS)
 
 eval: $(STAMP) ## evaluate a tokenizer: make eval CKPT=outputs/demo [ARGS="keeps=[16,36,64] num_images=1000"]

@@ -77,7 +77,8 @@ def plan(config: Mapping[str, Any]) -> list[Stage]:
     common = [f"backend={config['backend']['name']}", *config.get("extra", [])]
     tokenizer_common = [
         f"experiment={config['base_experiment']}", f"data={config['dataset']}", f"seed={config['seed']}",
-        f"train.max_steps={scale['tokenizer_steps']}", f"loss.disc_start={scale['disc_start']}",
+        f"train.max_steps={scale['tokenizer_steps']}", f"train.lr_schedule.warmup_steps={scale['tokenizer_warmup']}",
+        f"loss.disc_start={scale['disc_start']}",
         f"train.val_every={scale['tokenizer_steps']}", f"train.ckpt_every={scale['tokenizer_steps']}",
         "train.progress=false", *common,
     ]
