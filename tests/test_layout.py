@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mergevq"
 COMMANDS = ("train_tokenizer", "train_ar", "pretokenize", "evaluate", "probe", "sample", "reconstruct", "summary",
-            "report", "demo_report", "study")
+            "report", "demo_report", "study", "screenshot")
 DOCUMENTS = ["README.md", "Makefile", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("launch/**/*") if p.is_file()),
              *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("experiments/**/*") if p.is_file()),
              *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("conf/**/*.yaml"))]
