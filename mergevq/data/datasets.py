@@ -159,4 +159,5 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
         return base.labels.astype(np.int64)
     if hasattr(base, "samples"):
         return np.asarray([label for _, label in base.samples], dtype=np.int64)
-    return np.asarray([int(dataset[i]["label"]) for i in range(len(dataset)) if dataset[i] is not None], dtype=np.int64)
+    items = (dataset[i] for i in range(len(dataset)))
+    return np.asarray([int(item["label"]) for item in items if item is not None], dtype=np.int64)

@@ -137,8 +137,9 @@ def write_index(run_dir: Path, val_rows: list[dict], card: dict, generators: lis
         sections.append(("Generation routes", table(generators, GENERATION_COLUMNS)
                          + '<p class="note">class accuracy, gFID, precision and recall from fewer than 1,000 samples: '
                            "trend only.</p>"))
-        if per_class_rows(generators):
-            sections.append(("Class accuracy per class (row order of the sample grids)", table(per_class_rows(generators))))
+        per_class = per_class_rows(generators)
+        if per_class:
+            sections.append(("Class accuracy per class (row order of the sample grids)", table(per_class)))
     links = " | ".join(f'<a href="{name}">{name}</a>' for name in ("per_k.md", "generation.json", "report.html",
                                                                     "eval/eval_card.md") if (run_dir / name).is_file())
     intro = f"<p><b>{html.escape(summary_line(val_rows, generators))}</b></p><p>{html.escape(str(run_dir))}: {links}</p>"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runs.atomic import atomic_write, atomic_write_text
-from ..runs.card import sha256_file
+from ..runs.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,12 @@ def class_accuracy(predicted: torch.Tensor | np.ndarray, labels: torch.Tensor | 
     per_class = {int(c): float(hits[labels == c].mean()) for c in classes if bool((labels == c).any())}
     return {"class_accuracy": float(hits.mean()) if len(hits) else float("nan"), "per_class": per_class,
             "num_images": int(len(hits)), "trend_only": len(hits) < TREND_ONLY_BELOW}
+
+
+def trend_note(scores: Mapping[str, Any]) -> str:
+    """How far a ``class_accuracy`` result can be trusted, in words."""
+    count = scores["num_images"]
+    return f"from {count} samples (< {TREND_ONLY_BELOW}): trend only" if scores["trend_only"] else f"from {count} samples"
 
 
 # ------------------------------------------------------------------------------------- training

@@ -13,6 +13,7 @@ from ..data import build_dataset, default_cache_dir
 from ..data.datasets import is_held_out
 from ..runs.card import package_versions, sha256_file, write_card
 from ..runs.restore import load_trained_tokenizer
+from .classifier import trend_note
 from .features import FeatureCache, extractor_meta
 from .generator_eval import generator_metrics, inception_metrics, reference_spatial, reference_stats
 from .inception import CONFIG_KEY, WEIGHTS_FILE, FidelityInception
@@ -75,20 +76,11 @@ def evaluate_samples(cfg: Mapping[str, Any], result: Mapping[str, Any], run_dir:
         "warnings": warnings,
     }
     if classes is not None:
-        card["class_accuracy"] = {**classes, "note": trend_note(classes["num_images"])}
+        card["class_accuracy"] = {**classes, "note": trend_note(classes)}
         card["classifier"] = classifier.summary()
         card["classifier_accuracy"] = classifier.accuracy
     write_card(run_dir, card)
     return card
-
-
-def trend_note(num_images: int) -> str:
-    """How far a number from ``num_images`` samples can be trusted."""
-    from .classifier import TREND_ONLY_BELOW
-
-    if num_images < TREND_ONLY_BELOW:
-        return f"from {num_images} samples (< {TREND_ONLY_BELOW}): trend only"
-    return f"from {num_images} samples"
 
 
 def inception_part(cfg: Mapping[str, Any], samples, dataset, count: int, cache: FeatureCache, dataset_id: str,

@@ -44,7 +44,7 @@ def build_classifier(config: Mapping[str, Any] | None, data: Mapping[str, Any]):
     from .classifier import classifier_for, recipe_from
 
     cache = Path(config.get("cache_dir") or default_cache_dir() / "classifiers")
-    return classifier_for(data, cache, recipe_from({k: v for k, v in config.items() if k != "cache_dir"}),
+    return classifier_for(data, cache, recipe_from(config),
                           refresh=bool(config.get("refresh", False)))
 
 
